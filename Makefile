@@ -1,0 +1,40 @@
+# Each target installs what it needs: `make demo` and `make test` work on a fresh machine
+# (Python 3.11 + pip, root for apt-get).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= datasets/fashion-mnist
+NPROC ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install data demo test test-all bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev,dali]'
+	touch $@
+
+data: install
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(PY) -m data.prepare fashion-mnist $(DATA)
+
+demo: data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train/main.py \
+		--config configs/fashion_mnist_resnet.yaml data.root=$(DATA)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/train_step.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

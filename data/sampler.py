@@ -1,0 +1,70 @@
+"""Which sample indices each rank reads: one global shuffled order, cut into global batches.
+
+torch's DistributedSampler cannot start an epoch in the middle and ties the order to the world
+size. Here the order of an epoch is a permutation of the whole dataset seeded by (seed, epoch);
+global batch g is `order[g*B*W : (g+1)*B*W]` and rank r reads its r-th slice of B. A position is
+a count of *global* samples, so a run stopped after k samples resumes at sample k on any number
+of ranks, and 1 rank with batch 2B reads exactly the samples 2 ranks with batch B read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train.config import ConfigError
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(num_samples)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=g)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample in one epoch: independent of ranks, workers and resumes."""
+    return (seed * 1_000_003 + epoch * 10_007_951 + index) % 2**63
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Every rank runs the same number of steps (DDP would hang otherwise); the remainder is
+    smaller than one global batch and is dropped, as DLE and torchvision's references do."""
+    return num_samples // (batch_size * world_size)
+
+
+class GlobalBatchSampler:
+    """Yields this rank's (index, augmentation seed) pairs for one epoch, one per sample."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool = True):
+        self.n, self.batch, self.rank, self.world = num_samples, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+        if steps_per_epoch(num_samples, batch_size, world_size) == 0:
+            raise ConfigError(f"dataset of {num_samples} samples is smaller than one global batch "
+                             f"({batch_size} x {world_size} ranks)")
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Start `epoch` after `start_sample` global samples were already consumed."""
+        self.epoch, self.start = epoch, start_sample
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.world
+
+    def __len__(self) -> int:  # samples this rank reads from `start` to the end of the epoch
+        end = steps_per_epoch(self.n, self.batch, self.world) * self.global_batch
+        return max(0, (end - self.start) // self.global_batch) * self.batch
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist()
+        gb = self.global_batch
+        for g in range(len(self) // self.batch):
+            lo = self.start + g * gb + self.rank * self.batch
+            for i in order[lo:lo + self.batch]:
+                yield i, sample_seed(self.seed, self.epoch, i)
+
+
+def val_range(num_samples: int, rank: int, world_size: int) -> range:
+    """Contiguous, disjoint share of the validation set: every image counted exactly once."""
+    return range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)

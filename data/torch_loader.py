@@ -1,0 +1,134 @@
+"""ImageNet-folder loader on torch.utils.data with torchvision.io decoding and transforms v2.
+
+Workers decode and augment to uint8; the float conversion and normalisation run on the device
+after a pinned, non-blocking copy (4x fewer bytes over PCIe, as DLE does). Each sample is
+augmented with its own seed from the sampler, so the images of a run do not depend on the
+number of workers, the world size or where the run was resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from train.config import ConfigError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from data.sampler import GlobalBatchSampler, sample_seed, steps_per_epoch, val_range
+
+log = logging.getLogger("resnet")
+
+
+def scan(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs of an ImageNet-style split, classes sorted by folder name."""
+    classes, class_to_idx = find_classes(str(root))
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    return samples, classes
+
+
+def decode(path: str) -> torch.Tensor:
+    """Any JPEG (incl. CMYK, grayscale) or PNG, whatever its extension, as a uint8 RGB CHW tensor."""
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+class ImageFolderDataset(Dataset):
+    """Reads (index, seed) keys; an undecodable file is replaced by the next readable one and
+    flagged, so a corrupt image costs one sample instead of the run."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, bool]:
+        index, seed = key
+        for attempt in range(min(len(self.samples), 100)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = decode(path)
+                break
+            except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
+                log.warning("skipping unreadable image %s: %s", path, str(e).splitlines()[0])
+        else:
+            raise RuntimeError(f"100 consecutive unreadable images starting at {self.samples[index][0]}")
+        torch.manual_seed(seed)
+        return self.transform(image), label, attempt == 0
+
+
+def collate(batch):
+    images, labels, ok = zip(*batch)
+    return torch.stack(images), torch.tensor(labels), len(ok) - sum(ok)
+
+
+class DeviceBatches:
+    """Moves uint8 batches to the device and normalises them there; counts skipped files."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, mean, std, channels_last: bool):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, skipped in self.loader:
+            self.skipped += skipped
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            images = (images.float() - self.mean) / self.std
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+
+
+class TorchTrainLoader(DeviceBatches):
+    def __init__(self, sampler: GlobalBatchSampler, **kw):
+        super().__init__(**kw)
+        self.sampler = sampler
+        self.num_samples = sampler.n
+        self.steps_per_epoch = steps_per_epoch(sampler.n, sampler.batch, sampler.world)
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_sample)
+
+
+class TorchValLoader(DeviceBatches):
+    def __init__(self, num_samples: int, **kw):
+        super().__init__(**kw)
+        self.num_samples = num_samples
+
+
+def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
+    """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
+    root = Path(cfg.root)
+    train_samples, classes = scan(root / "train")
+    val_samples, val_classes = scan(root / "val")
+    if val_classes != classes:
+        raise ConfigError(f"data.root: class folders of {root / 'val'} differ from {root / 'train'}")
+    train_tf = v2.Compose([
+        v2.RandomResizedCrop(cfg.train_crop, scale=(cfg.min_scale, 1.0), antialias=True),
+        *([v2.RandomHorizontalFlip()] if cfg.hflip else []),
+    ])
+    val_tf = v2.Compose([v2.Resize(cfg.val_resize, antialias=True), v2.CenterCrop(cfg.val_crop)])
+    pin = cfg.pin_memory and device.type == "cuda"
+    common = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin,
+                  persistent_workers=cfg.workers > 0)
+    sampler = GlobalBatchSampler(len(train_samples), cfg.batch_size, rank, world_size, seed)
+    train = DataLoader(ImageFolderDataset(train_samples, train_tf), batch_size=cfg.batch_size,
+                       sampler=sampler, drop_last=True, prefetch_factor=4 if cfg.workers else None,
+                       **common)
+    share = val_range(len(val_samples), rank, world_size)
+    val_keys = [(i, sample_seed(seed, 0, i)) for i in share]
+    val = DataLoader(ImageFolderDataset(val_samples, val_tf), batch_size=cfg.val_batch_size or cfg.batch_size,
+                     sampler=val_keys, **common)
+    kw = dict(device=device, mean=cfg.mean, std=cfg.std, channels_last=channels_last)
+    return (TorchTrainLoader(sampler, loader=train, **kw),
+            TorchValLoader(len(val_samples), loader=val, **kw), classes)

@@ -1,0 +1,75 @@
+"""Config errors: one line naming the key, non-zero exit, and no process group created."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(*overrides, path=None, data=True):
+    return C.load(path, list(overrides), check_data=data)
+
+
+def test_overrides_typed(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    cfg = load("optim.lr=0.4", "data.batch_size=64", f"data.root={tmp_path}", "schedule.milestones=[1,2]",
+               "model.channels_last=false", "log.name=007")
+    assert cfg.optim.lr == 0.4 and cfg.data.batch_size == 64 and cfg.schedule.milestones == [1, 2]
+    assert cfg.model.channels_last is False and cfg.log.name == "007"
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_yaml_and_roundtrip(tmp_path):
+    cfg = load("data.loader=synthetic", path=str(ROOT / "configs/imagenet_resnet50.yaml"))
+    C.save(cfg, tmp_path / "c.yaml")
+    again = C.load(str(tmp_path / "c.yaml"), [], check_data=False)
+    assert C.to_dict(again) == C.to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("optim.lr=-0.1", "optim.lr: must be >= 0, got -0.1"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("data.batch_size=2.5", "data.batch_size: expected an integer, got 2.5"),
+    ("data.batch_size=0", "data.batch_size: must be > 0, got 0"),
+    ("train.amp=fp8", "train.amp: 'fp8' is not one of auto, off, bf16, fp16"),
+    ("model.channels_last=maybe", "model.channels_last: expected true or false, got 'maybe'"),
+    ("data.root=/nonexistent", "data.root: '/nonexistent/train' does not exist"),
+    ("trian.epochs=3", "unknown config key 'trian.epochs'; did you mean 'train.epochs'?"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(C.ConfigError) as e:
+        load(override)
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_root_and_file():
+    with pytest.raises(C.ConfigError, match="data.root: not set"):
+        load()
+    with pytest.raises(C.ConfigError, match="--config: file 'nope.yaml' not found"):
+        C.load("nope.yaml", [])
+
+
+def test_unknown_yaml_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  momentun: 0.9\n")
+    with pytest.raises(C.ConfigError, match="unknown config key 'optim.momentun'; did you mean 'optim.momentum'"):
+        C.load(str(p), [], check_data=False)
+
+
+def test_torchrun_exits_before_process_group(tmp_path):
+    """A bad key under torchrun: exit 2 on every rank, one-line message, no rendezvous/group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train/main.py", "--config", "configs/fashion_mnist_resnet.yaml", "optim.lrr=0.1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("config error:")]
+    assert lines == ["config error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"] * 2
+    assert "init_process_group" not in r.stderr and "Traceback" not in r.stderr.split("torch.distributed")[0]

@@ -1,0 +1,315 @@
+"""Typed run configuration: YAML recipe + dotted CLI overrides, validated before any process group.
+
+Every user mistake (unknown key, wrong type, impossible value, missing data) becomes a
+``ConfigError`` with one line naming the key, raised on every rank before distributed init, so a
+bad command never leaves a half-started job behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message is one line that names the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG
+    loader: str = "torch"  # torch | dali | synthetic
+    dali_device: str = "auto"  # auto (gpu if CUDA) | gpu | cpu
+    batch_size: int = 256  # per rank
+    val_batch_size: int = 0  # per rank; 0 = batch_size
+    workers: int = 8  # decode processes (torch) or threads (DALI) per rank
+    train_crop: int = 224
+    val_resize: int = 256  # shorter side before the center crop
+    val_crop: int = 224
+    min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    hflip: bool = True
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    num_classes: int = 0  # 0 = count the class folders
+    pin_memory: bool = True
+    synthetic_samples: int = 1281167  # epoch length of data.loader=synthetic (ImageNet's)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    zero_init_residual: bool = True
+    stem: str = "auto"  # auto | imagenet (7x7/2 + max-pool) | cifar (3x3/1)
+    shortcut: str = "auto"  # auto | A | B | C
+    stride_in_1x1: bool = False  # True = the paper's ResNet v1, False = v1.5 (torchvision)
+    weights: str = ""  # local .pth (torchvision state_dict or project export)
+    freeze_stages: int = 0
+    channels_last: bool = True
+    sync_bn: bool = True  # only when world_size > 1
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars
+    lr: float = 0.1  # per `lr_reference_batch` images; scaled linearly with the global batch
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    bn_weight_decay: bool = False  # False: no decay on BN and bias parameters
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    implementation: str = "foreach"  # foreach | fused | for-loop
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step | multistep | constant
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.1
+    step_size: int = 30  # epochs, for step
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # epochs, for multistep
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0  # cosine ends at lr * min_lr_factor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    seed: int = 0
+    deterministic: bool = False
+    eval_every: int = 1  # epochs
+    max_steps: int = 0  # stop after this many global steps (tests, benchmarks); 0 = off
+    resume: str = "auto"  # auto (latest in run dir) | off | path to a checkpoint dir
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs"
+    name: str = ""  # run directory is <dir>/<name>; "" = the config file's stem
+    every: int = 50  # steps between reduced metrics (the only host sync)
+    tensorboard: bool = True
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    every_steps: int = 0
+    keep: int = 3
+    keep_best: bool = True
+    async_save: bool = True
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    device: str = "auto"  # auto | cuda | cpu
+    timeout_s: int = 1800
+    bucket_cap_mb: int = 25
+    gradient_as_bucket_view: bool = True
+    static_graph: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.dir) / self.log.name
+
+
+CHOICES = {
+    "data.loader": ("torch", "dali", "synthetic"),
+    "data.dali_device": ("auto", "gpu", "cpu"),
+    "model.stem": ("auto", "imagenet", "cifar"),
+    "model.shortcut": ("auto", "A", "B", "C"),
+    "optim.name": ("sgd", "lars"),
+    "optim.implementation": ("foreach", "fused", "for-loop"),
+    "schedule.name": ("cosine", "step", "multistep", "constant"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "log.progress": ("auto", "bar", "lines", "off"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.device": ("auto", "cuda", "cpu"),
+}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; allow int→float and list→tuple, nothing else."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        items = [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        return origin(items)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads a bare `off` as False
+        return "on" if value else "off"
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    """Write a nested dict into the dataclass tree `obj`, rejecting unknown keys."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown(key, [f"{prefix}{n}" for n in names])
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section of keys, got {value!r}")
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _all_keys(cfg: Config) -> list[str]:
+    keys = []
+    for section in dataclasses.fields(cfg):
+        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, section.name))]
+    return keys
+
+
+def parse_override(arg: str, cfg: Config) -> dict:
+    """`optim.lr=0.4` → {"optim": {"lr": 0.4}}; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in arg:
+        raise ConfigError(f"override '{arg}' is not of the form section.key=value")
+    key, raw = arg.split("=", 1)
+    if key not in _all_keys(cfg):
+        raise _unknown(key, _all_keys(cfg))
+    value = yaml.safe_load(raw) if raw != "" else ""
+    section, name = key.split(".", 1)
+    field_tp = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    if field_tp is str and not isinstance(value, str):
+        value = raw  # `log.name=001` stays a string
+    return {section: {name: value}}
+
+
+def validate(cfg: Config, check_data: bool = True) -> None:
+    """Impossible values and missing inputs, each reported as one line naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    positive = {
+        "data.batch_size": cfg.data.batch_size, "data.train_crop": cfg.data.train_crop,
+        "data.val_crop": cfg.data.val_crop, "train.epochs": cfg.train.epochs,
+        "train.eval_every": cfg.train.eval_every, "log.every": cfg.log.every,
+        "optim.lr_reference_batch": cfg.optim.lr_reference_batch,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    non_negative = {
+        "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.momentum": cfg.optim.momentum, "optim.grad_clip": cfg.optim.grad_clip,
+        "data.workers": cfg.data.workers, "data.val_batch_size": cfg.data.val_batch_size,
+        "schedule.warmup_epochs": cfg.schedule.warmup_epochs, "train.max_steps": cfg.train.max_steps,
+        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "model.freeze_stages": cfg.model.freeze_stages,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.optim.lr == 0:
+        raise ConfigError("optim.lr: must be > 0, got 0")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if not 0 < cfg.data.min_scale <= 1:
+        raise ConfigError(f"data.min_scale: must be in (0, 1], got {cfg.data.min_scale}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
+    if len(cfg.data.mean) != len(cfg.data.std) or any(s <= 0 for s in cfg.data.std):
+        raise ConfigError("data.mean/data.std: need the same length and positive std")
+    if cfg.data.val_resize < cfg.data.val_crop:
+        raise ConfigError(f"data.val_resize: {cfg.data.val_resize} is smaller than data.val_crop {cfg.data.val_crop}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.optim.name == "sgd" and cfg.data.loader != "synthetic" and world > 1 and cfg.data.batch_size < 2 and cfg.model.sync_bn:
+        raise ConfigError("data.batch_size: SyncBatchNorm needs at least 2 images per rank")
+    if check_data and cfg.data.loader != "synthetic":
+        if not cfg.data.root:
+            raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
+        for split in ("train", "val"):
+            path = Path(cfg.data.root) / split
+            if not path.is_dir():
+                raise ConfigError(f"data.root: '{path}' does not exist (expected <root>/{split}/<class>/<image>)")
+
+
+def load(path: str | None, overrides: list[str] = (), check_data: bool = True) -> Config:
+    """Build the Config from a YAML recipe and `section.key=value` overrides, then validate it."""
+    cfg = Config()
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config: file '{path}' not found")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config: '{path}' must hold a mapping of sections")
+        _merge(cfg, values)
+    for arg in overrides:
+        _merge(cfg, parse_override(arg, cfg))
+    if not cfg.log.name:
+        cfg.log.name = Path(path).stem if path else "run"
+    validate(cfg, check_data=check_data)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, values)
+    return cfg
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(_plain(to_dict(cfg)), f, sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists so the YAML is readable without Python tags."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
