@@ -8,6 +8,7 @@ what to do after each step; it does not know how they are implemented.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,22 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
     model.train()
     device = next(model.parameters()).device
     sums = torch.zeros(4, device=device)  # loss*n, correct, n, non-finite losses
-    for images, labels in loader:
+    data_time = 0.0  # host time blocked on the loader since the last log point
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
+        data_time += time.perf_counter() - t0
+        hooks.on_batch(state, images)
         with autocast(device, amp):
             logits = model(images)
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        hooks.after_backward(state)
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -70,7 +81,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
                 raise NonFiniteLoss(f"non-finite loss at step {state.step} (epoch {state.epoch}); "
                                     "lower optim.lr or enable optim.grad_clip; the last checkpoint is intact")
             hooks.log_train(state, loss=reduced[0] / reduced[2], top1=100 * reduced[1] / reduced[2],
-                            lr=scheduler.get_last_lr()[0])
+                            lr=scheduler.get_last_lr()[0], data_time=data_time, loss_scale=scaler.get_scale())
+            data_time = 0.0
         hooks.after_step(state)
 
 

@@ -57,7 +57,14 @@ class Monitor:
             self.bar = tqdm(total=self.steps_per_epoch, initial=start_step_in_epoch,
                             desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True, leave=False)
 
-    def log_train(self, state, loss: float, top1: float, lr: float, global_batch: int) -> None:
+    def on_batch(self, state, images) -> None:
+        """Called with every training batch before the forward pass (e.g. an input grid at step 0)."""
+
+    def after_backward(self, state) -> None:
+        """Called after backward, before the optimizer step (gradient statistics)."""
+
+    def log_train(self, state, loss: float, top1: float, lr: float, global_batch: int,
+                  data_time: float = 0.0, loss_scale: float = 1.0) -> None:
         now = time.perf_counter()
         t0, s0 = self._mark
         steps = state.step - s0 if s0 is not None else None

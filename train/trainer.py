@@ -47,6 +47,12 @@ class Hooks:
         log.warning("received %s: will save a checkpoint and exit for requeue", signal.Signals(signum).name)
         self.signalled = True
 
+    def on_batch(self, state: TrainState, images: torch.Tensor) -> None:
+        self.monitor.on_batch(state, images)
+
+    def after_backward(self, state: TrainState) -> None:
+        self.monitor.after_backward(state)
+
     def log_train(self, state: TrainState, **metrics) -> None:
         self.monitor.log_train(state, global_batch=self.global_batch, **metrics)
 
