@@ -57,8 +57,10 @@ class ImageFolderDataset(Dataset):
                 log.warning("skipping unreadable image %s: %s", path, str(e).splitlines()[0])
         else:
             raise RuntimeError(f"100 consecutive unreadable images starting at {self.samples[index][0]}")
-        torch.manual_seed(seed)
-        return self.transform(image), label, attempt == 0
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
+            torch.manual_seed(seed)
+            image = self.transform(image)
+        return image, label, attempt == 0
 
 
 def collate(batch):
