@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             out = prepare_fashion_mnist(args.out, args.source)
         except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {e}") from None
         print(f"prepared {out}: {json.loads((out / MANIFEST).read_text())['counts']}")
 
 

@@ -13,7 +13,8 @@ from data.sampler import steps_per_epoch
 
 class SyntheticLoader:
     def __init__(self, num_samples: int, batch_size: int, world_size: int, crop: int,
-                 num_classes: int, device: torch.device, channels_last: bool, seed: int, steps: int | None = None):
+                 num_classes: int, device: torch.device, channels_last: bool, seed: int,
+                 steps: int | None = None):
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(batch_size, 3, crop, crop, generator=g).to(device)
         if channels_last:
@@ -41,6 +42,7 @@ def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, chan
     train = SyntheticLoader(cfg.synthetic_samples, cfg.batch_size, world_size, cfg.train_crop,
                             num_classes, device, channels_last, seed + rank)
     vb = cfg.val_batch_size or cfg.batch_size
-    val = SyntheticLoader(vb * world_size, vb, world_size, cfg.val_crop, num_classes, device, channels_last, seed + rank)
+    val = SyntheticLoader(vb * world_size, vb, world_size, cfg.val_crop, num_classes, device, channels_last,
+                          seed + rank)
     val.num_samples = vb * world_size
     return train, val, [f"class{i}" for i in range(num_classes)]

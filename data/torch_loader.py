@@ -12,14 +12,13 @@ import logging
 from pathlib import Path
 
 import torch
-
-from train.config import ConfigError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from data.sampler import GlobalBatchSampler, sample_seed, steps_per_epoch, val_range
+from train.config import ConfigError
 
 log = logging.getLogger("resnet")
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from train.loop import TrainState
@@ -79,8 +80,13 @@ class Checkpointer:
                  async_save: bool = True, keep_best: bool = True):
         self.dir = run_dir / "checkpoints"
         self.rank, self.world, self.keep, self.keep_best = rank, world_size, keep, keep_best
-        self.async_save = async_save and dist.is_initialized()
-        self.pending = None
+        self.async_save = async_save
+        self.pending = None  # (AsyncSaveResponse, path, top1) of the save in flight
+        self.stager = None
+        if async_save:  # one stager for the run: it keeps its (pinned, on CUDA) host buffers
+            cuda = torch.cuda.is_available()
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                       use_async_staging=True, use_non_blocking_copy=cuda))
         # Background saves run their collectives on a group of their own, so they never
         # interleave with DDP's all-reduces on the default group (as torchtitan does).
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -103,20 +109,36 @@ class Checkpointer:
             return path  # already saved at this step (e.g. end of epoch and end of run)
         sd = self.state_dict(model, optimizer, scheduler, scaler, state, config)
         if self.async_save:
-            self.pending = (dcp.async_save(sd, checkpoint_id=str(path), process_group=self.group), path, top1)
+            response = dcp.async_save(sd, checkpoint_id=str(path), process_group=self.group,
+                                      async_stager=self.stager)
+            self.pending = (response, path, top1)
         else:
             dcp.save(sd, checkpoint_id=str(path), process_group=self.group)
             self._commit(path, top1)
         return path
 
+    def wait_staged(self) -> None:
+        """Block until the state being saved has been copied off the live tensors.
+
+        Called before the next forward pass: BN buffers change in forward and weights in the
+        optimizer step, so the copy must be finished by then. This is all the loop waits for.
+        """
+        if self.pending is not None:
+            self.pending[0].staging_completion.result()
+
     def wait(self) -> None:
         """Block until the background save (if any) is on disk everywhere, then commit it."""
         if self.pending is None:
             return
-        future, path, top1 = self.pending
+        response, path, top1 = self.pending
         self.pending = None
-        future.result()
+        response.upload_completion.result()
         self._commit(path, top1)
+
+    def close(self) -> None:
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
 
     def _commit(self, path: Path, top1: float | None) -> None:
         if self.rank != 0:

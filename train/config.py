@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,10 +256,8 @@ def validate(cfg: Config, check_data: bool = True) -> None:
     if len(cfg.data.mean) != len(cfg.data.std) or any(s <= 0 for s in cfg.data.std):
         raise ConfigError("data.mean/data.std: need the same length and positive std")
     if cfg.data.val_resize < cfg.data.val_crop:
-        raise ConfigError(f"data.val_resize: {cfg.data.val_resize} is smaller than data.val_crop {cfg.data.val_crop}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.optim.name == "sgd" and cfg.data.loader != "synthetic" and world > 1 and cfg.data.batch_size < 2 and cfg.model.sync_bn:
-        raise ConfigError("data.batch_size: SyncBatchNorm needs at least 2 images per rank")
+        raise ConfigError(f"data.val_resize: {cfg.data.val_resize} is smaller than "
+                          f"data.val_crop {cfg.data.val_crop}")
     if check_data and cfg.data.loader != "synthetic":
         if not cfg.data.root:
             raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sd = model_state_dict(args.run)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, args.out)
     print(f"wrote {args.out}: {len(sd)} tensors")

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = config_lib.load(args.config, args.overrides)  # fails before any process group exists
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     from train.trainer import fit
 
     try:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
             return fit(cfg, info)
     except (config_lib.ConfigError, FileNotFoundError) as e:  # user errors found after start-up
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ class Requeue(SystemExit):
 
 
 class Hooks:
-    def __init__(self, cfg, info: DistInfo, monitor: Monitor, save, global_batch: int):
+    def __init__(self, cfg, info: DistInfo, monitor: Monitor, save, global_batch: int,
+                 before_forward=lambda: None):
         self.cfg, self.info, self.monitor, self.save = cfg, info, monitor, save
+        self.before_forward = before_forward
         self.world_size, self.global_batch = info.world_size, global_batch
         self.signalled = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -48,6 +50,7 @@ class Hooks:
         self.signalled = True
 
     def on_batch(self, state: TrainState, images: torch.Tensor) -> None:
+        self.before_forward()
         self.monitor.on_batch(state, images)
 
     def after_backward(self, state: TrainState) -> None:
@@ -137,7 +140,7 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
     monitor = Monitor(run_dir, info.is_main, info.world_size, steps_per_epoch, cfg.train.epochs,
                       cfg.log.progress, cfg.log.tensorboard)
     monitor.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```" if info.is_main else "")
-    hooks = Hooks(cfg, info, monitor, save, global_batch)
+    hooks = Hooks(cfg, info, monitor, save, global_batch, before_forward=ckpt.wait_staged)
     log.info("%s on %d x %s, %d classes, global batch %d, %d steps/epoch, amp %s",
              cfg.model.name, info.world_size, info.device.type, num_classes, global_batch, steps_per_epoch, amp)
 
@@ -175,7 +178,7 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
             state.best_top1 = max(state.best_top1, top1)
         if state.epoch % cfg.checkpoint.every_epochs == 0 or last:
             save(state, top1)
-    ckpt.wait()
+    ckpt.close()
     if metrics["top1"] != metrics["top1"]:  # resumed after the last epoch: nothing evaluated yet
         metrics = evaluate(bare, val_loader, eval_criterion, amp)
     if train_loader.skipped:

@@ -1,0 +1,71 @@
+"""Time the training loop is blocked by a checkpoint of ResNet-50 (model + SGD momentum):
+synchronous DCP save against our asynchronous save, side by side in one run.
+
+    python benchmarks/checkpoint.py [--model resnet50] [--repeats 3]
+
+Blocked time of the async path = the `save()` call + waiting for staging before the next forward
+(exactly what the trainer waits for). Goal: async/sync <= 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
+from train.models import build  # noqa: E402
+
+from train.checkpoint import Checkpointer  # noqa: E402
+from train.config import ModelConfig  # noqa: E402
+from train.loop import TrainState  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(ModelConfig(name=args.model), 1000).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 64, 64, device=device)).sum().backward()
+    opt.step()  # materialise momentum buffers
+    sched = LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size += sum(s["momentum_buffer"].numel() * 4 for s in opt.state.values())
+    blocked = {"sync": [], "async": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = {mode: Checkpointer(Path(tmp) / mode, 0, 1, keep=2, async_save=mode == "async")
+              for mode in blocked}
+        for i in range(args.repeats + 1):  # first round warms up (stager buffers, page cache)
+            for mode, c in ck.items():
+                state = TrainState(step=i + 1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                c.save(model, opt, sched, scaler, state, {})
+                c.wait_staged()
+                dt = time.perf_counter() - t0
+                c.wait()
+                if i:
+                    blocked[mode].append(dt)
+        for c in ck.values():
+            c.close()
+    s, a = statistics.median(blocked["sync"]), statistics.median(blocked["async"])
+    print(f"{args.model} on {device}: {size / 2**20:.0f} MiB of model + optimizer state")
+    print(f"sync save blocked   {s * 1000:8.1f} ms")
+    print(f"async save blocked  {a * 1000:8.1f} ms")
+    print(f"async/sync blocked ratio: {a / s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
