@@ -23,10 +23,16 @@ from train.config import ConfigError
 log = logging.getLogger("resnet")
 
 
-def scan(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """(path, label) pairs of an ImageNet-style split, classes sorted by folder name."""
-    classes, class_to_idx = find_classes(str(root))
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+def scan(root: Path, only: list[str] | tuple[str, ...] = ()) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs of an ImageNet-style split, classes sorted by folder name; `only`
+    keeps a subset of class folders (labels renumbered 0..k-1), e.g. for transfer learning."""
+    classes, _ = find_classes(str(root))
+    if only:
+        missing = sorted(set(only) - set(classes))
+        if missing:
+            raise ConfigError(f"data.classes: {missing[:3]} not found in {root}")
+        classes = sorted(only)
+    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
     return samples, classes
 
 
@@ -110,8 +116,8 @@ class TorchValLoader(DeviceBatches):
 def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
     """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
     root = Path(cfg.root)
-    train_samples, classes = scan(root / "train")
-    val_samples, val_classes = scan(root / "val")
+    train_samples, classes = scan(root / "train", cfg.classes)
+    val_samples, val_classes = scan(root / "val", cfg.classes)
     if val_classes != classes:
         raise ConfigError(f"data.root: class folders of {root / 'val'} differ from {root / 'train'}")
     train_tf = v2.Compose([

@@ -38,11 +38,11 @@ def make_init(tmp_path, data):
 
 
 def _evaluate(rank, world, root):
-    from data import torch_loader
-    from train.config import DataConfig
-    from train.loop import evaluate
     from train.models import build
-    from train.config import ModelConfig
+
+    from data import torch_loader
+    from train.config import DataConfig, ModelConfig
+    from train.loop import evaluate
 
     torch.manual_seed(0)
     cfg = DataConfig(root=str(root), batch_size=7, workers=0, train_crop=16, val_resize=16, val_crop=16)

@@ -37,6 +37,7 @@ class DataConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_classes: int = 0  # 0 = count the class folders
+    classes: list[str] = field(default_factory=list)  # subset of class folders; [] = all
     pin_memory: bool = True
     synthetic_samples: int = 1281167  # epoch length of data.loader=synthetic (ImageNet's)
 
@@ -98,6 +99,11 @@ class LogConfig:
     every: int = 50  # steps between reduced metrics (the only host sync)
     tensorboard: bool = True
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    grad_norm_every: int = 50  # steps between per-stage gradient and weight norms; 0 = off
+    histograms: bool = False  # weight and gradient histograms every epoch
+    images: bool = True  # a grid of augmented training inputs at the start
+    feature_maps: bool = True  # stage activations of a fixed validation image at every evaluation
+    graph: bool = True  # the model graph (traced once on a CPU copy)
 
 
 @dataclass
@@ -241,6 +247,7 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "model.freeze_stages": cfg.model.freeze_stages,
+        "log.grad_norm_every": cfg.log.grad_norm_every,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -84,12 +84,20 @@ def build_model(cfg, num_classes: int, info: DistInfo) -> tuple[nn.Module, nn.Mo
     bare = model
     if info.world_size > 1:
         model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                    broadcast_buffers=False, bucket_cap_mb=cfg.dist.bucket_cap_mb,
+                    bucket_cap_mb=cfg.dist.bucket_cap_mb,
                     gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
                     static_graph=cfg.dist.static_graph)
     if cfg.model.compile:
         model = torch.compile(model)
     return model, bare
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's BN statistics (as DDP does at each forward) before evaluating or
+    saving, so that all ranks evaluate one model and a checkpoint holds one consistent set."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for b in module.buffers():
+            torch.distributed.broadcast(b, 0)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -133,12 +141,19 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
     config_dict = config_lib.to_dict(cfg)
 
     def save(st: TrainState, top1: float | None = None, wait: bool = False) -> None:
+        sync_buffers(bare)
         ckpt.save(bare, optimizer, scheduler, scaler, st, config_dict, top1)
         if wait:
             ckpt.wait()
 
+    def validate() -> dict[str, float]:
+        sync_buffers(bare)
+        return evaluate(bare, val_loader, eval_criterion, amp)
+
     monitor = Monitor(run_dir, info.is_main, info.world_size, steps_per_epoch, cfg.train.epochs,
-                      cfg.log.progress, cfg.log.tensorboard)
+                      cfg.log.progress, cfg.log.tensorboard, opts=cfg.log, mean=cfg.data.mean, std=cfg.data.std,
+                      max_steps=cfg.train.max_steps)
+    monitor.watch(bare, val_loader, scaler)  # rank 0: norms, feature-map probe image, graph
     monitor.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```" if info.is_main else "")
     hooks = Hooks(cfg, info, monitor, save, global_batch, before_forward=ckpt.wait_staged)
     log.info("%s on %d x %s, %d classes, global batch %d, %d steps/epoch, amp %s",
@@ -165,14 +180,14 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
             raise Requeue()
         if stopped:  # max_steps: save mid-epoch, evaluate for the summary
             save(state)
-            metrics = evaluate(bare, val_loader, eval_criterion, amp)
+            metrics = validate()
             monitor.log_eval(state, metrics)
             break
         state.epoch, state.sample_in_epoch = state.epoch + 1, 0
         last = state.epoch == cfg.train.epochs
         top1 = None
         if state.epoch % cfg.train.eval_every == 0 or last:
-            metrics = evaluate(bare, val_loader, eval_criterion, amp)
+            metrics = validate()
             monitor.log_eval(state, metrics)
             top1 = metrics["top1"]
             state.best_top1 = max(state.best_top1, top1)
@@ -180,7 +195,7 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
             save(state, top1)
     ckpt.close()
     if metrics["top1"] != metrics["top1"]:  # resumed after the last epoch: nothing evaluated yet
-        metrics = evaluate(bare, val_loader, eval_criterion, amp)
+        metrics = validate()
     if train_loader.skipped:
         log.warning("%d unreadable training images were skipped (see warnings above)", train_loader.skipped)
     summary = {

@@ -1,0 +1,187 @@
+"""The ResNet family: torchvision interchangeability, the paper's numbers, init and transfer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from train.config import ConfigError, ModelConfig
+from train.models import ARCHS, ShortcutA, build, resnet
+
+TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"]
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def randomise_bn(m: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+
+
+@pytest.mark.parametrize("name, count", [
+    ("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032),
+    ("resnet101", 44_549_160), ("resnet152", 60_192_808),
+])
+def test_imagenet_parameter_counts(name, count):
+    assert n_params(resnet(name)) == count == n_params(getattr(torchvision.models, name)())
+
+
+@pytest.mark.parametrize("name, millions", [("resnet20", 0.27), ("resnet56", 0.85), ("resnet110", 1.7)])
+def test_cifar_parameter_counts_match_paper(name, millions):
+    assert n_params(resnet(name, 10)) / 1e6 == pytest.approx(millions, rel=0.03)  # the paper rounds
+
+
+def test_shortcut_a_adds_no_parameters():
+    a, b, c = (n_params(resnet("resnet56", 10, shortcut=s)) for s in "ABC")
+    assert a == n_params(resnet("plain56", 10)) < b < c
+    assert any(isinstance(m, ShortcutA) for m in resnet("resnet56", 10).modules())
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_outputs_equal_torchvision_both_directions(name):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)()
+    randomise_bn(tv)
+    ours = resnet(name)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in tv.state_dict().items()}
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    tv.eval(), ours.eval()
+    with torch.no_grad():
+        assert (ours(x) - tv(x)).abs().max() <= 1e-5
+        back = getattr(torchvision.models, name)()
+        randomise_bn(ours, seed=1)
+        back.load_state_dict(ours.state_dict())
+        back.eval()
+        assert (back(x) - ours(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                                  "resnext50_32x4d", "plain18", "plain34", "preact_resnet18", "preact_resnet50",
+                                  "cifar_resnet18"])
+def test_output_shape_224(name):
+    with torch.no_grad():
+        assert resnet(name, 7).eval()(torch.randn(1, 3, 224, 224)).shape == (1, 7)
+
+
+@pytest.mark.parametrize("name", [n for n in ARCHS if ARCHS[n][2].get("stem") == "cifar" and n != "resnet1202"])
+def test_output_shape_32(name):
+    with torch.no_grad():
+        assert resnet(name, 10).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet50_flops():
+    model = resnet("resnet50").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    gmacs = counter.get_total_flops() / 2 / 1e9
+    assert gmacs == pytest.approx(4.1, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet18", "resnet20", "preact_resnet18", "preact_resnet164"])
+def test_zero_init_residual_blocks_start_as_identity(name):
+    model = resnet(name, 10, zero_init_residual=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    hooks = [b.register_forward_pre_hook(lambda m, inp: outs.append(m.branch(inp[0]))) for b in model.blocks()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == len(model.blocks())
+    assert all(torch.count_nonzero(o) == 0 for o in outs)
+    assert not all(torch.count_nonzero(b.branch(torch.randn(1, b.conv1.in_channels, 8, 8))) == 0
+                   for b in resnet(name, 10, zero_init_residual=False).blocks()[:1])
+
+
+def depth_gradient_ratio(name: str) -> float:
+    """|grad of the first conv| / |grad of the classifier| at initialisation, in train mode."""
+    torch.manual_seed(0)
+    model = resnet(name, 10).train()
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    return model.conv1.weight.grad.norm().item() / model.fc.weight.grad.norm().item()
+
+
+def test_gradient_highway_resnet56_vs_plain56():
+    """The shortcut keeps the gradient that reaches conv1 on the scale of the classifier's; the
+    plain net's does not. Measured, the plain net's gradient *explodes* with depth (with BN in
+    train mode, Yang et al. 2019) rather than vanishing: as the paper says (sec. 4.1), BN keeps
+    plain nets from vanishing gradients, and their degradation has another cause."""
+    res, plain = depth_gradient_ratio("resnet56"), depth_gradient_ratio("plain56")
+    print(f"\n|grad conv1|/|grad fc| at init: resnet56 {res:.3g}, plain56 {plain:.3g}, ratio {plain / res:.0f}")
+    assert 0.1 < res < 10  # resnet56: the gradient arrives at the bottom on the scale it left the top
+    assert plain / res > 100  # plain56: off by orders of magnitude
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "resnet20", "preact_resnet18", "plain20"])
+def test_channels_last_matches_contiguous(name):
+    torch.manual_seed(0)
+    a = resnet(name, 10)
+    randomise_bn(a)
+    a.eval()  # fixed BN statistics: batch statistics of a 2-image batch amplify rounding noise
+    b = resnet(name, 10).eval()
+    b.load_state_dict(a.state_dict())
+    b = b.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    ya, yb = a(x), b(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-4)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(b.conv1.weight.grad, a.conv1.weight.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_stride_in_1x1_moves_the_stride():
+    v1 = resnet("resnet50", stride_in_1x1=True)
+    assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
+    v15 = resnet("resnet50")
+    assert v15.layer2[0].conv1.stride == (1, 1) and v15.layer2[0].conv2.stride == (2, 2)
+
+
+def test_weights_file_torchvision_and_checkpoint_formats(tmp_path):
+    tv = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(tv)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in tv.state_dict().items()}}, tmp_path / "ckpt.pth")
+    x = torch.randn(1, 3, 64, 64)
+    tv.eval()
+    for f in ("tv.pth", "ckpt.pth"):
+        m = build(ModelConfig(name="resnet18", weights=str(tmp_path / f)), 10).eval()
+        torch.testing.assert_close(m(x), tv(x), rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.weights: '.*tv.pth' does not fit this model"):
+        build(ModelConfig(name="resnet34", weights=str(tmp_path / "tv.pth")), 10)
+    with pytest.raises(ConfigError, match="model.weights: file 'nope.pth' not found"):
+        build(ModelConfig(name="resnet18", weights="nope.pth"), 10)
+
+
+def test_transfer_learning_new_classifier_and_frozen_stages(tmp_path):
+    src = resnet("resnet18", 5)
+    randomise_bn(src)
+    torch.save(src.state_dict(), tmp_path / "src.pth")
+    m = build(ModelConfig(name="resnet18", weights=str(tmp_path / "src.pth"), freeze_stages=2), 3)
+    assert m.fc.out_features == 3
+    assert torch.equal(m.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in m.named_parameters() if n.startswith(("conv1", "bn1", "layer1", "layer2"))}
+    m.train()
+    assert not m.bn1.training and not m.layer2[1].bn2.training and m.layer3[0].bn1.training
+    before = m.layer1[0].bn1.running_mean.clone()
+    m(torch.randn(4, 3, 64, 64))
+    assert torch.equal(m.layer1[0].bn1.running_mean, before)  # frozen BN statistics do not move
+    assert not torch.equal(m.layer3[0].bn1.running_mean, src.layer3[0].bn1.running_mean)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="model.name: unknown model 'resnet5'; did you mean 'resnet56'"):
+        build(ModelConfig(name="resnet5"), 10)
