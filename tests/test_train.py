@@ -38,11 +38,10 @@ def make_init(tmp_path, data):
 
 
 def _evaluate(rank, world, root):
-    from train.models import build
-
     from data import torch_loader
     from train.config import DataConfig, ModelConfig
     from train.loop import evaluate
+    from train.models import build
 
     torch.manual_seed(0)
     cfg = DataConfig(root=str(root), batch_size=7, workers=0, train_crop=16, val_resize=16, val_crop=16)
@@ -57,9 +56,9 @@ def _evaluate(rank, world, root):
 
 
 def test_validation_counts_every_image_once(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=5, train_per_class=4, val=1001, size=16)
+    root = make_image_folder(tmp_path / "d", classes=5, train_per_class=5, val=203, size=16)
     results = [run_ranks(_evaluate, w, root)[0] for w in (1, 2, 3)]
-    assert [r["count"] for r in results] == [1001, 1001, 1001]
+    assert [r["count"] for r in results] == [203, 203, 203]
     assert results[0]["top1"] == results[1]["top1"] == results[2]["top1"]
     assert 0 < results[0]["top1"] < 100
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)

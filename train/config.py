@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,9 @@ CHOICES = {
 }
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; allow int→float and list→tuple, nothing else."""
     origin = typing.get_origin(tp)
@@ -167,6 +171,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return origin(items)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
     if tp is str and isinstance(value, bool):  # YAML 1.1 reads a bare `off` as False
         return "on" if value else "off"
     if tp is bool and not isinstance(value, bool):

@@ -35,19 +35,27 @@ class Requeue(SystemExit):
         super().__init__(REQUEUE_EXIT_CODE)
 
 
-class Hooks:
-    def __init__(self, cfg, info: DistInfo, monitor: Monitor, save, global_batch: int,
-                 before_forward=lambda: None):
-        self.cfg, self.info, self.monitor, self.save = cfg, info, monitor, save
-        self.before_forward = before_forward
-        self.world_size, self.global_batch = info.world_size, global_batch
-        self.signalled = False
+class StopSignal:
+    """SIGUSR1/SIGTERM set a flag instead of killing the process; installed first thing in fit()
+    so that a signal arriving while the run starts up is not lost either."""
+
+    def __init__(self):
+        self.received = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         log.warning("received %s: will save a checkpoint and exit for requeue", signal.Signals(signum).name)
-        self.signalled = True
+        self.received = True
+
+
+class Hooks:
+    def __init__(self, cfg, info: DistInfo, monitor: Monitor, save, global_batch: int,
+                 stop: StopSignal, before_forward=lambda: None):
+        self.cfg, self.info, self.monitor, self.save = cfg, info, monitor, save
+        self.before_forward = before_forward
+        self.world_size, self.global_batch = info.world_size, global_batch
+        self.stop = stop
 
     def on_batch(self, state: TrainState, images: torch.Tensor) -> None:
         self.before_forward()
@@ -60,7 +68,7 @@ class Hooks:
         self.monitor.log_train(state, global_batch=self.global_batch, **metrics)
 
     def stop_requested(self) -> bool:
-        flag = torch.tensor([float(self.signalled)], device=self.info.device)
+        flag = torch.tensor([float(self.stop.received)], device=self.info.device)
         return all_reduce_sum(flag).item() > 0
 
     def after_step(self, state: TrainState) -> None:
@@ -109,6 +117,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 
 def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
+    stop = StopSignal()
     setup_logging(info.rank)
     t_start = time.perf_counter()
     seed_everything(cfg.train.seed, info.rank, cfg.train.deterministic)
@@ -155,7 +164,7 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
                       max_steps=cfg.train.max_steps)
     monitor.watch(bare, val_loader, scaler)  # rank 0: norms, feature-map probe image, graph
     monitor.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```" if info.is_main else "")
-    hooks = Hooks(cfg, info, monitor, save, global_batch, before_forward=ckpt.wait_staged)
+    hooks = Hooks(cfg, info, monitor, save, global_batch, stop, before_forward=ckpt.wait_staged)
     log.info("%s on %d x %s, %d classes, global batch %d, %d steps/epoch, amp %s",
              cfg.model.name, info.world_size, info.device.type, num_classes, global_batch, steps_per_epoch, amp)
 

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from train.config import ConfigError
-from train.models.resnet import (ARCHS, BasicBlock, Bottleneck, PreActBlock, PreActBottleneck, ResNet,
-                                 ShortcutA, resnet)
+from train.models.resnet import ARCHS, BasicBlock, Bottleneck, PreActBlock, PreActBottleneck, ResNet, ShortcutA, resnet
 
 __all__ = ["ARCHS", "BasicBlock", "Bottleneck", "PreActBlock", "PreActBottleneck", "ResNet", "ShortcutA",
            "build", "load_weights", "resnet"]

@@ -172,7 +172,8 @@ class PreActBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.relu = nn.ReLU(inplace=False)
-        self.downsample = make_shortcut(shortcut, cin, planes * self.expansion, stride, preact=True) if residual else None
+        cout = planes * self.expansion
+        self.downsample = make_shortcut(shortcut, cin, cout, stride, preact=True) if residual else None
         self.residual = residual
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""ImageNet-folder loader on NVIDIA DALI: JPEG decoding (nvJPEG plus the A100/H100 hardware
+decoder) and augmentation on the GPU, or on DALI's CPU threads when there is no CUDA.
+
+Which files a rank reads is decided in Python and fed through `fn.external_source`, not by
+`fn.readers.file`: the reader shards by contiguous file ranges and shuffles with its own buffer,
+so it can neither reproduce the global order of `data.sampler` (same samples on any world size)
+nor start an epoch at an arbitrary global sample. Here `GlobalBatchSampler` itself plans the
+batches and a thread pool reads the file bytes ahead of the pipeline; DALI still does all the
+decoding, resizing and normalising. The plan runs on into the next epoch, so DALI's prefetching
+never has to stop at an epoch boundary; only an unexpected `set_epoch` (a resume, or an epoch
+that was abandoned half way) rebuilds the pipeline.
+
+Unusable files (zero-byte, truncated, non-image) would raise inside DALI mid-epoch, so a cached
+`data.preflight` pass finds them at build time and each is replaced by the next usable file, the
+way the torch loader replaces them on the fly: the order, epoch length and `skipped` count match
+it. Each sample's augmentation comes from DALI's RNG and does not match the torch loader's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import preflight
+from data.sampler import GlobalBatchSampler, steps_per_epoch, val_range
+from data.torch_loader import scan
+from train.config import ConfigError
+
+log = logging.getLogger("resnet")
+
+# nvJPEG buffers sized for the largest ImageNet image, so the training decoder allocates once instead
+# of growing mid-run (NVIDIA's DALI ResNet-50 examples do the same).
+PREALLOCATE = dict(device_memory_padding=211025920, host_memory_padding=140544512,
+                   preallocate_width_hint=5980, preallocate_height_hint=6430)
+READ_AHEAD = 4  # batches of file bytes read ahead of what the pipeline asked for
+
+
+def replacements(samples: list[tuple[str, int]], unusable: set[str]) -> np.ndarray:
+    """Index read in place of each sample: itself, or the next usable one (cyclically)."""
+    good = np.array([path not in unusable for path, _ in samples])
+    if not good.any():
+        raise ConfigError(f"data.root: none of the {len(samples)} images can be decoded")
+    n = len(samples)
+    subst, nxt = np.empty(n, dtype=np.int64), None
+    for i in (*range(n - 1, -1, -1), *range(n - 1, -1, -1)):  # twice: wrap around the end
+        if good[i]:
+            nxt = i
+        subst[i] = nxt if nxt is not None else -1
+    return subst
+
+
+class Feed:
+    """External source: (file bytes, labels, sample indices) of each planned batch, read ahead
+    by a thread pool. `plan` yields lists of sample indices and may be infinite."""
+
+    def __init__(self, samples, subst: np.ndarray, plan, workers: int):
+        self.samples, self.subst, self.plan = samples, subst, iter(plan)
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="dali-read")
+        self.ahead: deque = deque()
+
+    def _submit(self) -> None:
+        indices = next(self.plan)
+        paths = [self.samples[self.subst[i]][0] for i in indices]
+        self.ahead.append((indices, [self.pool.submit(np.fromfile, p, dtype=np.uint8) for p in paths]))
+
+    def __call__(self):
+        while len(self.ahead) < READ_AHEAD:
+            self._submit()
+        indices, reads = self.ahead.popleft()
+        labels = [np.array(self.samples[self.subst[i]][1], dtype=np.int64) for i in indices]
+        return [r.result() for r in reads], labels, [np.array(i, dtype=np.int64) for i in indices]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
+    """decode (+ random crop) → resize → crop/flip/normalise; outputs images, labels, indices."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**kw)
+    def pipe():
+        data, labels, index = fn.external_source(source=feed, num_outputs=3, batch=True,
+                                                 dtype=[types.UINT8, types.INT64, types.INT64])
+        # RGB output: CMYK and grayscale JPEGs and PNGs named .JPEG all come out as 3 channels.
+        decoder = dict(device="mixed", hw_decoder_load=0.65) if gpu else dict(device="cpu")
+        if train:
+            images = fn.decoders.image_random_crop(data, output_type=types.RGB, random_area=[cfg.min_scale, 1.0],
+                                                   random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100,
+                                                   **decoder, **(PREALLOCATE if gpu else {}))
+            images = fn.resize(images, resize_x=cfg.train_crop, resize_y=cfg.train_crop,
+                               interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5) if cfg.hflip else 0
+            crop = {}
+        else:
+            images = fn.decoders.image(data, output_type=types.RGB, **decoder)
+            images = fn.resize(images, resize_shorter=cfg.val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror, crop = 0, dict(crop=(cfg.val_crop, cfg.val_crop))  # centre crop
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if hwc else "CHW",
+                                          mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
+                                          mirror=mirror, **crop)
+        return images, labels.gpu() if gpu else labels, index
+
+    return pipe()
+
+
+class DaliLoader:
+    """Runs one DALI pipeline over an endless plan of batches and cuts it into epochs."""
+
+    def __init__(self, samples, subst, train: bool, cfg, batch: int, device: torch.device, gpu: bool,
+                 channels_last: bool, seed: int):
+        self.samples, self.subst, self.train, self.cfg, self.batch = samples, subst, train, cfg, batch
+        self.device, self.gpu, self.hwc, self.seed = device, gpu, channels_last, seed
+        self.bad = subst != np.arange(len(samples))
+        self.skipped = 0
+        self._iter = self._feed = None
+        self._at = None  # where the running pipeline's plan continues, None: rebuild
+
+    def plan(self, position):
+        """Endless list of sample-index batches starting at `position`."""
+        raise NotImplementedError
+
+    def _rebuild(self, position) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.close()
+        self._feed = Feed(self.samples, self.subst, self.plan(position), self.cfg.workers)
+        pipe = make_pipeline(
+            self._feed, self.train, self.cfg, self.gpu, self.hwc, batch_size=self.batch,
+            num_threads=max(1, self.cfg.workers), device_id=(self.device.index or 0) if self.gpu else None,
+            seed=hash((self.seed, position)) % 2**31, prefetch_queue_depth=2)
+        self._iter = DALIGenericIterator(pipe, ["images", "labels", "index"], prepare_first_batch=False)
+
+    def batches(self, position, count: int, following):
+        """`count` batches of (images, labels, sample indices) from `position`; afterwards the
+        pipeline stands at `following` unless the caller stopped early."""
+        if self._at != position or self._iter is None:
+            self._rebuild(position)
+        self._at = None
+        for _ in range(count):
+            out = next(self._iter)[0]
+            images, labels = out["images"], out["labels"].view(-1).long()
+            index = out["index"].view(-1).numpy()
+            if self.hwc:
+                images = images.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
+            self.skipped += int(self.bad[index].sum())
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), index
+        self._at = following
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+        self._iter = self._feed = None
+
+    def __del__(self):
+        self.close()
+
+
+class DaliTrainLoader(DaliLoader):
+    def __init__(self, sampler: GlobalBatchSampler, **kw):
+        super().__init__(batch=sampler.batch, **kw)
+        self.sampler = sampler
+        self.num_samples = sampler.n
+        self.steps_per_epoch = steps_per_epoch(sampler.n, sampler.batch, sampler.world)
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_sample)
+
+    def __len__(self) -> int:  # steps left in the epoch from `start_sample`
+        return len(self.sampler) // self.batch
+
+    def plan(self, position):
+        epoch, start = position
+        s = self.sampler
+        sampler = GlobalBatchSampler(s.n, s.batch, s.rank, s.world, s.seed, s.shuffle)
+        while True:
+            sampler.set_epoch(epoch, start)
+            keys = [i for i, _ in sampler]
+            yield from (keys[b:b + s.batch] for b in range(0, len(keys), s.batch))
+            epoch, start = epoch + 1, 0
+
+    def iter_indexed(self):
+        """Like iter(), with the dataset index of every sample (tests, debugging)."""
+        epoch, start = self.sampler.epoch, self.sampler.start
+        return self.batches((epoch, start), len(self), following=(epoch + 1, 0))
+
+    def __iter__(self):
+        for images, labels, _ in self.iter_indexed():
+            yield images, labels
+
+
+class DaliValLoader(DaliLoader):
+    def __init__(self, num_samples: int, share: range, **kw):
+        super().__init__(**kw)
+        self.num_samples, self.share = num_samples, share
+
+    def __len__(self) -> int:
+        return -(-len(self.share) // self.batch)
+
+    def plan(self, position):
+        chunks = [list(self.share[b:b + self.batch]) for b in range(0, len(self.share), self.batch)]
+        while True:  # the same share every evaluation; the last batch may be partial
+            yield from chunks
+
+    def iter_indexed(self):
+        return self.batches(0, len(self), following=0) if len(self.share) else iter(())
+
+    def __iter__(self):
+        for images, labels, _ in self.iter_indexed():
+            yield images, labels
+
+
+def usable(samples: list[tuple[str, int]], workers: int, split: Path) -> np.ndarray:
+    """Replacement indices after a (cached) preflight of the files of a split."""
+    report = preflight.cached_check([p for p, _ in samples], workers)
+    if report.unusable:
+        log.warning("%s: %d unusable images (zero-byte %d, truncated %d, non-image %d) are replaced by the "
+                    "next readable one; list them with `python -m data.preflight %s`", split,
+                    len(report.unusable), len(report.zero_byte), len(report.truncated), len(report.non_image), split)
+    return replacements(samples, report.unusable)
+
+
+def use_gpu(dali_device: str, device: torch.device) -> bool:
+    cuda = torch.cuda.is_available() and device.type == "cuda"
+    if dali_device == "gpu" and not cuda:
+        raise ConfigError("data.dali_device: gpu needs a CUDA device; use cpu or auto")
+    return cuda and dali_device != "cpu"
+
+
+def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
+    """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise ConfigError("data.loader: dali needs `pip install nvidia-dali-cuda120`") from None
+    root = Path(cfg.root)
+    train_samples, classes = scan(root / "train", cfg.classes)
+    val_samples, val_classes = scan(root / "val", cfg.classes)
+    if val_classes != classes:
+        raise ConfigError(f"data.root: class folders of {root / 'val'} differ from {root / 'train'}")
+    workers = cfg.workers or os.cpu_count() or 1
+    kw = dict(cfg=cfg, device=device, gpu=use_gpu(cfg.dali_device, device), channels_last=channels_last,
+              seed=seed * 1000 + rank)
+    sampler = GlobalBatchSampler(len(train_samples), cfg.batch_size, rank, world_size, seed)
+    train = DaliTrainLoader(sampler, samples=train_samples, subst=usable(train_samples, workers, root / "train"),
+                            train=True, **kw)
+    val = DaliValLoader(len(val_samples), val_range(len(val_samples), rank, world_size), samples=val_samples,
+                        subst=usable(val_samples, workers, root / "val"), train=False,
+                        batch=cfg.val_batch_size or cfg.batch_size, **kw)
+    return train, val, classes

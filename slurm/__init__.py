@@ -1,0 +1,1 @@
+"""SLURM launchers: submit.py (submitit, one task per GPU), train.sbatch (torchrun per node), cluster.sh."""

@@ -1,0 +1,278 @@
+"""Submit a training run to SLURM with submitit: one task per GPU, requeued on preemption/time-out.
+
+    python slurm/submit.py --config configs/imagenet_resnet50.yaml --nodes 2 --gpus-per-node 8 \\
+        --partition gpu --time 72:00:00 data.root=/data/imagenet
+    python slurm/submit.py ... --dry-run     # print the sbatch script, submit nothing
+    python slurm/submit.py ... --local       # submitit's local executor (no SLURM), e.g. 2 CPU tasks
+
+Every task runs `train.main.main([--config, C, *overrides, train.resume=auto])` in the submitit
+process, with MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK exported from the SLURM environment.
+Logs go to <run dir>/slurm/; TensorBoard reads <run dir>.
+
+Preemption / time limit, and who does what (submitit 1.5):
+  * submitit asks SLURM for `--signal=USR2@<signal-delay>` and, in every task, binds
+    SIGUSR2 -> its `checkpoint_and_try_requeue` (rank 0: call our checkpoint(), dump the pickle,
+    `scontrol requeue`, then sys.exit(-1) from inside the handler; other ranks: nothing), and
+    SIGTERM/SIGCONT -> "bypass" (log and ignore).
+  * The trainer (train/trainer.py Hooks) binds SIGUSR1 and SIGTERM -> "stop at the next logging
+    step on all ranks, save a checkpoint, exit with code 3".
+  * If submitit's USR2 handler ran as is, rank 0 would requeue and exit in the middle of a step,
+    with nothing saved since the last periodic checkpoint. So `__call__` takes SIGUSR2 over:
+    it only forwards the request to the trainer's stop flag. The trainer stops every rank at the
+    same step, saves (collectively, waiting for the write), and raises SystemExit(3). Only then
+    does rank 0 call submitit's original handler, which calls `checkpoint()` (the same run, same
+    run dir, `train.resume=auto`), dumps it, requeues the job and exits. The checkpoint is
+    therefore complete on disk before `scontrol requeue` kills the other tasks.
+  * Exit code 3 without a requeue: when the job is no longer RUNNING (a plain `scancel` sends
+    SIGTERM; a time-out; SLURM's own preemption requeue) rank 0 does not requeue; it reports an
+    UncompletedJobError so that submitit records the job as ended. A signal that arrives before
+    the trainer has installed its handlers (start-up, data loading) is held and re-delivered as
+    SIGUSR1 as soon as they are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python slurm/submit.py`: make `train` and `slurm` importable
+    sys.path.insert(0, str(ROOT))
+
+REQUEUE_EXIT_CODE = 3  # train.trainer.REQUEUE_EXIT_CODE (not imported: that pulls in torch)
+
+
+def _job_state(job_id: str) -> str:
+    """SLURM state of a job (RUNNING, COMPLETING, CANCELLED, ...); '' if unknown."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return ""
+
+
+class Trainer:
+    """The submitit callable: one instance per task; `checkpoint()` makes the requeued run."""
+
+    def __init__(self, config: str | None, overrides: list[str]):
+        self.config = config
+        self.overrides = list(overrides)
+
+    def argv(self) -> list[str]:
+        argv = ["--config", self.config] if self.config else []
+        return argv + self.overrides + ["train.resume=auto"]
+
+    def __call__(self):
+        import submitit
+
+        env = submitit.JobEnvironment()
+        # CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node): the trainer picks
+        # cuda:LOCAL_RANK. overwrite: sbatch exports the submitting shell's environment.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // max(
+            1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+        print(f"[submit] {env} restart {restarts}: train/main.py {shlex.join(self.argv())}", flush=True)
+
+        usr_sig = env._usr_sig() if hasattr(env, "_usr_sig") else signal.SIGUSR2
+        submitit_handler = signal.getsignal(usr_sig)  # checkpoint_and_try_requeue
+        pending = threading.Event()
+        got = {"requeue_signal": False}
+
+        def early(signum, frame):  # SIGUSR1 before the trainer took it over: hold it
+            print(f"[submit] {signal.Signals(signum).name} before training started: held", flush=True)
+            pending.set()
+
+        def on_usr_sig(signum, frame):
+            got["requeue_signal"] = True
+            trainer_handler = signal.getsignal(signal.SIGUSR1)
+            if callable(trainer_handler) and trainer_handler is not early:
+                trainer_handler(signum, frame)  # sets the trainer's stop flag; it saves, exits 3
+            else:
+                early(signum, frame)
+
+        def redeliver():  # once the trainer has its SIGUSR1 handler, give it the held signal
+            while True:
+                pending.wait()
+                h = signal.getsignal(signal.SIGUSR1)
+                if callable(h) and h is not early:
+                    pending.clear()
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.2)
+
+        signal.signal(signal.SIGUSR1, early)
+        signal.signal(usr_sig, on_usr_sig)
+        threading.Thread(target=redeliver, daemon=True, name="signal-redeliver").start()
+
+        from train import main as train_main
+
+        try:
+            return train_main.main(self.argv())
+        except SystemExit as e:
+            if e.code != REQUEUE_EXIT_CODE:
+                raise
+            # the trainer saved a checkpoint on a signal: requeue (rank 0 only) if still running
+            state = _job_state(env.job_id) if env.cluster == "slurm" else "RUNNING"
+            print(f"[submit] checkpoint saved on a signal; job state {state or 'unknown'}", flush=True)
+            if env.global_rank != 0:
+                return None  # rank 0 requeues the job; this task's result is not collected
+            if state.startswith("RUNNING") and callable(submitit_handler):
+                signal.signal(usr_sig, submitit_handler)
+                # checkpoint() -> dump -> `scontrol requeue` -> sys.exit(-1)
+                submitit_handler(usr_sig, None)
+            from submitit.core.utils import UncompletedJobError
+
+            raise UncompletedJobError(f"saved a checkpoint on a signal; not requeued (job state {state})") from None
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit (rank 0) to requeue: the same run; `train.resume=auto` resumes it."""
+        import submitit
+
+        print("[submit] requeueing: the next run resumes from the latest checkpoint", flush=True)
+        return submitit.helpers.DelayedSubmission(Trainer(self.config, self.overrides))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Submit a ResNet training run to SLURM (submitit).")
+    p.add_argument("--config", help="YAML recipe, e.g. configs/imagenet_resnet50.yaml")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU-only clusters")
+    p.add_argument("--tasks-per-node", type=int, default=0, help="default: --gpus-per-node (or 1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="default: SLURM's")
+    p.add_argument("--mem-per-gpu", default="", help="e.g. 64G (needs GPUs)")
+    p.add_argument("--partition", default="")
+    p.add_argument("--time", default="72:00:00", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
+    p.add_argument("--account", default="")
+    p.add_argument("--qos", default="")
+    p.add_argument("--constraint", default="")
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--job-name", default="", help="default: the run's name")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SLURM sends USR2 (save and requeue)")
+    p.add_argument("--max-requeues", type=int, default=20, help="submitit's limit on time-out requeues")
+    p.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.4")
+    return p.parse_args(argv)
+
+
+def time_to_minutes(t: str) -> int:
+    """'90' -> 90; 'HH:MM:SS' / 'MM:SS' / 'D-HH:MM:SS' -> whole minutes (rounded up)."""
+    days = 0
+    if "-" in t:
+        d, t = t.split("-", 1)
+        days = int(d)
+    parts = [int(x) for x in t.split(":")]
+    if len(parts) == 1:  # minutes, or D-HH
+        return days * 1440 + (parts[0] * 60 if days else parts[0])
+    if len(parts) == 2:  # MM:SS, or D-HH:MM
+        parts = [0] + parts if days == 0 else parts + [0]
+    h, m, s = parts
+    return days * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def make_executor(args: argparse.Namespace, folder: Path, name: str):
+    import submitit
+
+    gpus = max(args.gpus_per_node, 0)
+    tasks = args.tasks_per_node or gpus or 1
+    cluster = "local" if args.local else ("slurm" if args.dry_run else None)
+    with contextlib.ExitStack() as stack:
+        if args.dry_run and shutil.which("srun") is None:  # write the script on a machine without SLURM
+            stack.enter_context(mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)))
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
+    params = dict(name=name, nodes=args.nodes, tasks_per_node=tasks, timeout_min=time_to_minutes(args.time))
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.cpus_per_task:
+        params["cpus_per_task"] = args.cpus_per_task
+    slurm: dict = {"slurm_signal_delay_s": args.signal_delay,
+                   # jobs must find `train` and `slurm` wherever the job's working directory is
+                   "slurm_setup": [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
+    if args.partition:
+        slurm["slurm_partition"] = args.partition
+    if args.mem_per_gpu:
+        slurm["slurm_mem_per_gpu"] = args.mem_per_gpu
+    extra: dict = {"requeue": True}
+    if args.account:
+        extra["account"] = args.account
+    if args.qos:
+        extra["qos"] = args.qos
+    if args.constraint:
+        extra["constraint"] = args.constraint
+    if args.exclusive:
+        extra["exclusive"] = True
+    slurm["slurm_additional_parameters"] = extra
+    if args.local:
+        slurm = {}  # AutoExecutor drops slurm_* parameters for other clusters; be explicit
+    executor.update_parameters(**params, **slurm)
+    return executor
+
+
+def sbatch_script(executor) -> str:
+    """The batch script submitit would submit (its own generator, so this is exactly it)."""
+    inner = executor._executor  # SlurmExecutor
+    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    from train import config as config_lib
+
+    try:  # fail here, not in the queue; data may only exist on the cluster's file system
+        cfg = config_lib.load(args.config, args.overrides, check_data=False)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_dir = cfg.run_dir.resolve()
+    # pin the run dir and the config path: the job may start in another working directory
+    overrides = [*args.overrides, f"log.dir={run_dir.parent}", f"log.name={run_dir.name}"]
+    config = str(Path(args.config).resolve()) if args.config else None
+    folder = run_dir / "slurm"
+    name = args.job_name or run_dir.name
+    executor = make_executor(args, folder if args.local else folder / "%j", name)  # local: %j is made literally
+
+    if args.dry_run:
+        print(f"run dir: {run_dir}")
+        print(f"job: {Trainer(config, overrides).argv()}")
+        print(f"parameters: {executor._executor.parameters}")
+        print("sbatch script:")
+        print(sbatch_script(executor))
+        return None
+
+    job = executor.submit(Trainer(config, overrides))
+    print(f"submitted job {job.job_id} ({executor.cluster}): {name}")
+    print(f"  stdout: {job.paths.stdout}")
+    print(f"  stderr: {job.paths.stderr}")
+    print(f"  run dir: {run_dir}")
+    print(f"  tensorboard --logdir {run_dir}")
+    if args.local:  # the local executor's job is a child of this process: wait for it
+        print(f"waiting for the local job (Ctrl-C cancels it); logs: {job.paths.stdout.parent}", flush=True)
+        try:
+            result = job.results()[0]  # rank 0's
+        except KeyboardInterrupt:
+            job.cancel()
+            raise
+        print(f"done: {result.get('steps')} steps, top-1 {result.get('final_top1'):.2f} %")
+    return job
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        from slurm.submit import main as _main  # pickle Trainer as slurm.submit.Trainer, not __main__
+
+        _main()
