@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
-from train.models import build  # noqa: E402
 
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.config import ModelConfig  # noqa: E402
 from train.loop import TrainState  # noqa: E402
+from train.models import build  # noqa: E402
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from train.distributed import DistInfo  # noqa: E402
 from train.loop import TrainState, autocast, train_one_epoch  # noqa: E402
 from train.monitor import Monitor  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.trainer import Hooks, build_model  # noqa: E402
+from train.trainer import Hooks, StopSignal, build_model  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -83,7 +83,7 @@ def main() -> None:
     criterion = nn.CrossEntropyLoss()
     with tempfile.TemporaryDirectory() as tmp:
         monitor = Monitor(Path(tmp), True, 1, args.steps, 1, progress="off", tensorboard=True)
-        hooks = Hooks(cfg, info, monitor, save=lambda *a, **k: None, global_batch=args.batch)
+        hooks = Hooks(cfg, info, monitor, save=lambda *a, **k: None, global_batch=args.batch, stop=StopSignal())
         bare(model, loader, optimizer, criterion, device, args.amp)  # warm-up both paths
         trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks, device, args.amp, args.log_every)
         t_bare, t_trainer = [], []

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data import preflight
-from data.sampler import GlobalBatchSampler, steps_per_epoch, val_range
+from data.sampler import GlobalBatchSampler, steps_per_epoch, train_crop_at, val_range
 from data.torch_loader import scan
 from train.config import ConfigError
 
@@ -57,7 +57,8 @@ def replacements(samples: list[tuple[str, int]], unusable: set[str]) -> np.ndarr
 
 class Feed:
     """External source: (file bytes, labels, sample indices) of each planned batch, read ahead
-    by a thread pool. `plan` yields lists of sample indices and may be infinite."""
+    by a thread pool. `plan` yields (sample indices, output size) per batch and may be infinite;
+    the size is a per-sample input of the resize, so progressive resizing needs no rebuild."""
 
     def __init__(self, samples, subst: np.ndarray, plan, workers: int):
         self.samples, self.subst, self.plan = samples, subst, iter(plan)
@@ -65,19 +66,42 @@ class Feed:
         self.ahead: deque = deque()
 
     def _submit(self) -> None:
-        indices = next(self.plan)
+        indices, size = next(self.plan)
         paths = [self.samples[self.subst[i]][0] for i in indices]
-        self.ahead.append((indices, [self.pool.submit(np.fromfile, p, dtype=np.uint8) for p in paths]))
+        self.ahead.append((indices, size, [self.pool.submit(np.fromfile, p, dtype=np.uint8) for p in paths]))
 
     def __call__(self):
         while len(self.ahead) < READ_AHEAD:
             self._submit()
-        indices, reads = self.ahead.popleft()
+        indices, size, reads = self.ahead.popleft()
         labels = [np.array(self.samples[self.subst[i]][1], dtype=np.int64) for i in indices]
-        return [r.result() for r in reads], labels, [np.array(i, dtype=np.int64) for i in indices]
+        sizes = [np.array([size, size], dtype=np.float32)] * len(indices)
+        return [r.result() for r in reads], labels, [np.array(i, dtype=np.int64) for i in indices], sizes
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def val_geometry(shape, resize: int, crop: int):
+    """torchvision's `Resize(resize)` + `CenterCrop(crop)` geometry as DALI graph nodes, from the
+    encoded image's (H, W, C): the longer side becomes int(resize * long / short), where DALI's
+    `resize_shorter` would round it (43 instead of 42 px for 40x30 -> 32), and the crop offset
+    rounds half to even like Python's round(), where DALI's crop_pos rounds half up (ImageNet's
+    375x500 -> 256x341 -> 224: offset 58 in torchvision, 59 in DALI). Returns the (H, W) output
+    size of the resize and the crop positions that make DALI's anchor torchvision's."""
+    from nvidia.dali import fn, types
+
+    h, w = shape[0], shape[1]
+    tall = h > w  # torchvision: the width is the short side when w <= h
+    out_h = tall * (resize * h // w) + (1 - tall) * resize
+    out_w = (1 - tall) * (resize * w // h) + tall * resize
+
+    def pos(n):  # n = free pixels; anchor = round-half-even(n / 2), as a fraction of n for DALI
+        k = n // 2
+        anchor = k + (n - 2 * k) * (k - 2 * (k // 2))  # odd n: k + 1 when k is odd
+        return fn.cast(anchor, dtype=types.FLOAT) / fn.cast(n + (n == 0), dtype=types.FLOAT)
+
+    return fn.cast(fn.stack(out_h, out_w), dtype=types.FLOAT), pos(out_h - crop), pos(out_w - crop)
 
 
 def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
@@ -86,22 +110,22 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
 
     @pipeline_def(**kw)
     def pipe():
-        data, labels, index = fn.external_source(source=feed, num_outputs=3, batch=True,
-                                                 dtype=[types.UINT8, types.INT64, types.INT64])
+        data, labels, index, size = fn.external_source(source=feed, num_outputs=4, batch=True,
+                                                       dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT])
         # RGB output: CMYK and grayscale JPEGs and PNGs named .JPEG all come out as 3 channels.
         decoder = dict(device="mixed", hw_decoder_load=0.65) if gpu else dict(device="cpu")
         if train:
             images = fn.decoders.image_random_crop(data, output_type=types.RGB, random_area=[cfg.min_scale, 1.0],
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100,
                                                    **decoder, **(PREALLOCATE if gpu else {}))
-            images = fn.resize(images, resize_x=cfg.train_crop, resize_y=cfg.train_crop,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5) if cfg.hflip else 0
             crop = {}
         else:
+            out_size, pos_y, pos_x = val_geometry(fn.peek_image_shape(data), cfg.val_resize, cfg.val_crop)
             images = fn.decoders.image(data, output_type=types.RGB, **decoder)
-            images = fn.resize(images, resize_shorter=cfg.val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror, crop = 0, dict(crop=(cfg.val_crop, cfg.val_crop))  # centre crop
+            images = fn.resize(images, size=out_size, interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror, crop = 0, dict(crop=(cfg.val_crop, cfg.val_crop), crop_pos_y=pos_y, crop_pos_x=pos_x)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if hwc else "CHW",
                                           mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
                                           mirror=mirror, **crop)
@@ -181,8 +205,8 @@ class DaliTrainLoader(DaliLoader):
         sampler = GlobalBatchSampler(s.n, s.batch, s.rank, s.world, s.seed, s.shuffle)
         while True:
             sampler.set_epoch(epoch, start)
-            keys = [i for i, _ in sampler]
-            yield from (keys[b:b + s.batch] for b in range(0, len(keys), s.batch))
+            keys, size = [i for i, _ in sampler], train_crop_at(self.cfg, epoch)
+            yield from ((keys[b:b + s.batch], size) for b in range(0, len(keys), s.batch))
             epoch, start = epoch + 1, 0
 
     def iter_indexed(self):
@@ -204,7 +228,8 @@ class DaliValLoader(DaliLoader):
         return -(-len(self.share) // self.batch)
 
     def plan(self, position):
-        chunks = [list(self.share[b:b + self.batch]) for b in range(0, len(self.share), self.batch)]
+        chunks = [(list(self.share[b:b + self.batch]), self.cfg.val_crop)
+                  for b in range(0, len(self.share), self.batch)]
         while True:  # the same share every evaluation; the last batch may be partial
             yield from chunks
 

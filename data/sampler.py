@@ -68,3 +68,18 @@ class GlobalBatchSampler:
 def val_range(num_samples: int, rank: int, world_size: int) -> range:
     """Contiguous, disjoint share of the validation set: every image counted exactly once."""
     return range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)
+
+
+def train_crop_at(cfg, epoch: int) -> int:
+    """Training resolution of `epoch` under progressive resizing (FFCV's rule: linear between
+    the start and end epochs, rounded to a multiple of 32); `cfg.train_crop` when it is off."""
+    lo, hi = cfg.progressive_min_crop, cfg.train_crop
+    if not lo:
+        return hi
+    start, end = cfg.progressive_start_epoch, cfg.progressive_end_epoch
+    if epoch <= start:
+        return lo
+    if epoch >= end:
+        return hi
+    res = lo + (hi - lo) * (epoch - start) / (end - start)
+    return min(hi, max(lo, int(round(res / 32)) * 32))

@@ -6,6 +6,8 @@ Same interface and epoch length as the real loaders, so a config switches with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from data.sampler import steps_per_epoch
@@ -38,11 +40,21 @@ class SyntheticLoader:
 
 
 def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
-    num_classes = cfg.num_classes or 1000
-    train = SyntheticLoader(cfg.synthetic_samples, cfg.batch_size, world_size, cfg.train_crop,
+    """With a `data.root`, the real dataset's size and classes (the same model, epoch length and
+    schedule as the real run: only the pixels differ); without one, ImageNet's."""
+    if cfg.root and (Path(cfg.root) / "train").is_dir():
+        from data.torch_loader import scan
+
+        samples, classes = scan(Path(cfg.root) / "train", cfg.classes)
+        num_train = len(samples)
+    else:
+        classes = [f"class{i}" for i in range(cfg.num_classes or 1000)]
+        num_train = cfg.synthetic_samples
+    num_classes = cfg.num_classes or len(classes)
+    train = SyntheticLoader(num_train, cfg.batch_size, world_size, cfg.train_crop,
                             num_classes, device, channels_last, seed + rank)
     vb = cfg.val_batch_size or cfg.batch_size
     val = SyntheticLoader(vb * world_size, vb, world_size, cfg.val_crop, num_classes, device, channels_last,
-                          seed + rank)
-    val.num_samples = vb * world_size
-    return train, val, [f"class{i}" for i in range(num_classes)]
+                          seed + rank, steps=1)
+    val.num_samples = vb * world_size  # one batch per rank: evaluation is timed, not meaningful
+    return train, val, classes

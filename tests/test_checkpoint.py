@@ -159,3 +159,18 @@ def test_export_loads_into_torchvision(tmp_path, tiny_data):
     ours.eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(ours(x), tv(x), rtol=0, atol=1e-5)
+
+
+def test_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, tiny_data):
+    """lr 1e6 diverges within a few steps; checkpoints every step must all hold finite weights,
+    the error names the problem in one line and the exit code is non-zero."""
+    cfg = write_config(tmp_path, tiny_data)
+    r = run_trainer(cfg, "log.name=nan", "optim.lr=1e6", "schedule.warmup_epochs=0", "log.every=4",
+                    "checkpoint.every_steps=1", nproc=2, check=False)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: non-finite")]
+    assert errors and "the last checkpoint is intact" in errors[0]
+    ckpts = checkpoints(tmp_path / "runs/nan/checkpoints")
+    for path in ckpts:
+        sd = model_state_dict(path)
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), path.name

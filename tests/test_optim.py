@@ -59,3 +59,11 @@ def test_lars_trust_ratio():
     opt.step()
     # update = lr * eta * |w| / |g| * g = 0.001 * 4 / 2 * 1
     assert torch.allclose(w, torch.full((4,), 2 - 0.002))
+
+
+def test_poly_after_warmup():
+    out = lrs(ScheduleConfig(name="poly", warmup_epochs=2, warmup_start_factor=0.0, power=2.0))
+    peak = 0.2
+    assert out[0] == 0.0 and out[20] == pytest.approx(peak)
+    assert out[20 + 40] == pytest.approx(peak * 0.25)  # (1 - 1/2) ** 2 half-way
+    assert out[-1] == pytest.approx(peak * (1 / 80) ** 2)

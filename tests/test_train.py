@@ -56,9 +56,9 @@ def _evaluate(rank, world, root):
 
 
 def test_validation_counts_every_image_once(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=5, train_per_class=5, val=203, size=16)
+    root = make_image_folder(tmp_path / "d", classes=5, train_per_class=5, val=1001, size=16)
     results = [run_ranks(_evaluate, w, root)[0] for w in (1, 2, 3)]
-    assert [r["count"] for r in results] == [203, 203, 203]
+    assert [r["count"] for r in results] == [1001, 1001, 1001]
     assert results[0]["top1"] == results[1]["top1"] == results[2]["top1"]
     assert 0 < results[0]["top1"] < 100
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)

@@ -34,6 +34,11 @@ class DataConfig:
     val_resize: int = 256  # shorter side before the center crop
     val_crop: int = 224
     min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    # progressive resizing (FFCV): train at `progressive_min_crop` until `progressive_start_epoch`,
+    # then rise linearly (in steps of 32 px) to `train_crop` at `progressive_end_epoch`; 0 = off
+    progressive_min_crop: int = 0
+    progressive_start_epoch: int = 0
+    progressive_end_epoch: int = 0
     hflip: bool = True
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -73,13 +78,14 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | step | multistep | constant
+    name: str = "cosine"  # cosine | step | multistep | poly | constant
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.1
     step_size: int = 30  # epochs, for step
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # epochs, for multistep
     gamma: float = 0.1
-    min_lr_factor: float = 0.0  # cosine ends at lr * min_lr_factor
+    min_lr_factor: float = 0.0  # cosine and poly end at lr * min_lr_factor
+    power: float = 2.0  # poly: (1 - progress) ** power, as MLPerf's LARS recipes
 
 
 @dataclass
@@ -149,7 +155,7 @@ CHOICES = {
     "model.shortcut": ("auto", "A", "B", "C"),
     "optim.name": ("sgd", "lars"),
     "optim.implementation": ("foreach", "fused", "for-loop"),
-    "schedule.name": ("cosine", "step", "multistep", "constant"),
+    "schedule.name": ("cosine", "step", "multistep", "poly", "constant"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "log.progress": ("auto", "bar", "lines", "off"),
     "dist.backend": ("auto", "nccl", "gloo"),
@@ -262,6 +268,11 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         raise ConfigError("optim.lr: must be > 0, got 0")
     if not 0 <= cfg.optim.label_smoothing < 1:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
+    prog = cfg.data
+    if prog.progressive_min_crop and not (0 < prog.progressive_min_crop <= prog.train_crop
+                                          and 0 <= prog.progressive_start_epoch <= prog.progressive_end_epoch):
+        raise ConfigError("data.progressive_min_crop: needs 0 < progressive_min_crop <= train_crop and "
+                          "progressive_start_epoch <= progressive_end_epoch")
     if not 0 < cfg.data.min_scale <= 1:
         raise ConfigError(f"data.min_scale: must be in (0, 1], got {cfg.data.min_scale}")
     if cfg.checkpoint.keep < 1:

@@ -45,7 +45,21 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
     model.train()
     device = next(model.parameters()).device
     sums = torch.zeros(4, device=device)  # loss*n, correct, n, non-finite losses
-    data_time = 0.0  # host time blocked on the loader since the last log point
+    data_time, pending = 0.0, 0  # host time blocked on the loader, steps since the last log point
+
+    def flush() -> None:
+        """Reduce the metrics (the one host sync per interval); stop on a non-finite loss before
+        any checkpoint could store the diverged state."""
+        nonlocal data_time, pending
+        reduced = all_reduce_sum(sums.clone()).tolist()
+        sums.zero_()
+        if reduced[3] > 0:
+            raise NonFiniteLoss(f"non-finite loss before step {state.step} (epoch {state.epoch + 1}); "
+                                "lower optim.lr or set optim.grad_clip; the last checkpoint is intact")
+        hooks.log_train(state, loss=reduced[0] / reduced[2], top1=100 * reduced[1] / reduced[2],
+                        lr=scheduler.get_last_lr()[0], data_time=data_time, loss_scale=scaler.get_scale())
+        data_time, pending = 0.0, 0
+
     batches = iter(loader)
     while True:
         t0 = time.perf_counter()
@@ -74,16 +88,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
                                  (~torch.isfinite(loss.detach())).float()])
         state.step += 1
         state.sample_in_epoch += labels.numel() * hooks.world_size  # equal batches on all ranks
-        if state.step % log_every == 0:
-            reduced = all_reduce_sum(sums.clone()).tolist()  # the one host sync per interval
-            sums.zero_()
-            if reduced[3] > 0:
-                raise NonFiniteLoss(f"non-finite loss at step {state.step} (epoch {state.epoch}); "
-                                    "lower optim.lr or enable optim.grad_clip; the last checkpoint is intact")
-            hooks.log_train(state, loss=reduced[0] / reduced[2], top1=100 * reduced[1] / reduced[2],
-                            lr=scheduler.get_last_lr()[0], data_time=data_time, loss_scale=scaler.get_scale())
-            data_time = 0.0
+        pending += 1
+        if state.step % log_every == 0 or hooks.save_due(state):
+            flush()
         hooks.after_step(state)
+    if pending:  # the epoch's last steps, checked before its checkpoint
+        flush()
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from train.loop import NonFiniteLoss
     from train.trainer import fit
 
     try:
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (config_lib.ConfigError, FileNotFoundError) as e:  # user errors found after start-up
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -92,8 +92,10 @@ def lr_factor(step: int, sched, steps_per_epoch: int, epochs: int) -> float:
         return sched.gamma ** int(epoch // sched.step_size)
     if sched.name == "multistep":
         return sched.gamma ** sum(epoch >= m for m in sched.milestones)
-    total = max(1, epochs * steps_per_epoch - warmup)  # cosine from the end of warmup to 0 (+floor)
+    total = max(1, epochs * steps_per_epoch - warmup)  # cosine/poly from the end of warmup to 0 (+floor)
     progress = min(1.0, (step - warmup) / total)
+    if sched.name == "poly":
+        return sched.min_lr_factor + (1 - sched.min_lr_factor) * (1 - progress) ** sched.power
     return sched.min_lr_factor + (1 - sched.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -22,7 +22,7 @@ from train import config as config_lib
 from train import models, sync_batchnorm
 from train.checkpoint import Checkpointer, find_resume
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
-from train.loop import StopTraining, TrainState, evaluate, train_one_epoch
+from train.loop import NonFiniteLoss, StopTraining, TrainState, evaluate, train_one_epoch
 from train.monitor import Monitor, setup_logging
 from train.optim import build_optimizer, build_scheduler
 
@@ -71,6 +71,11 @@ class Hooks:
         flag = torch.tensor([float(self.stop.received)], device=self.info.device)
         return all_reduce_sum(flag).item() > 0
 
+    def save_due(self, state: TrainState) -> bool:
+        """A checkpoint follows this step: the loop checks the loss for NaN/inf first."""
+        every, max_steps = self.cfg.checkpoint.every_steps, self.cfg.train.max_steps
+        return bool(every and state.step % every == 0) or bool(max_steps and state.step >= max_steps)
+
     def after_step(self, state: TrainState) -> None:
         every = self.cfg.checkpoint.every_steps
         if every and state.step % every == 0:
@@ -106,6 +111,12 @@ def sync_buffers(module: nn.Module) -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         for b in module.buffers():
             torch.distributed.broadcast(b, 0)
+
+
+def all_finite(module: nn.Module) -> bool:
+    """One host sync per checkpoint: every parameter and buffer is finite (same on all ranks)."""
+    tensors = [t.detach() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -151,6 +162,9 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
 
     def save(st: TrainState, top1: float | None = None, wait: bool = False) -> None:
         sync_buffers(bare)
+        if not all_finite(bare):  # the loss check trails the weights by one step
+            raise NonFiniteLoss(f"non-finite weights at step {st.step}; lower optim.lr or set "
+                                "optim.grad_clip; the last checkpoint is intact")
         ckpt.save(bare, optimizer, scheduler, scaler, st, config_dict, top1)
         if wait:
             ckpt.wait()

@@ -1,0 +1,82 @@
+"""Monitoring overhead: images/s of the trainer step with TensorBoard monitoring at the default
+intervals (scalars every `log.every`, per-stage gradient/weight norms every `log.grad_norm_every`,
+the input grid) against monitoring switched off, same model, batch and synthetic data.
+
+    python benchmarks/monitor.py                         # CPU: small ResNet, 32x32
+    python benchmarks/monitor.py --model resnet50 --batch 256 --size 224 --amp fp16   # GPU
+
+Runs alternate (off, on, off, on, ...); the ratio of medians is printed last. Goal: >= 0.97.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.train_step import trainer  # noqa: E402
+from data.synthetic import SyntheticLoader  # noqa: E402
+from train.config import Config  # noqa: E402
+from train.distributed import DistInfo  # noqa: E402
+from train.monitor import Monitor  # noqa: E402
+from train.optim import build_optimizer, build_scheduler  # noqa: E402
+from train.trainer import Hooks, StopSignal, build_model  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--stem", default="auto")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--amp", default="off")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    cfg = Config()  # default log intervals: what a user gets
+    cfg.model.name, cfg.model.stem = args.model, args.stem
+    info = DistInfo(0, 1, 0, device)
+    model, bare = build_model(cfg, 10, info)
+    loader = SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0)
+    optimizer = build_optimizer(cfg.optim, model, args.batch)
+    scheduler = build_scheduler(cfg.schedule, optimizer, args.steps, 1000)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    criterion = nn.CrossEntropyLoss()
+    stop = StopSignal()
+    with tempfile.TemporaryDirectory() as tmp:
+        on = Monitor(Path(tmp), True, 1, args.steps, 1000, progress="off", tensorboard=True, opts=cfg.log)
+        on.watch(bare, None, scaler)
+        off = Monitor(Path(tmp) / "off", True, 1, args.steps, 1000, progress="off", tensorboard=False)
+        hooks = {name: Hooks(cfg, info, m, save=lambda *a, **k: None, global_batch=args.batch, stop=stop)
+                 for name, m in (("on", on), ("off", off))}
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        for r in range(args.repeats + 1):  # the first round warms both paths up
+            for name in ("off", "on"):
+                t = trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks[name], device, args.amp,
+                            cfg.log.every)
+                if r:
+                    times[name].append(t)
+        on.close()
+        off.close()
+    n = args.batch * args.steps
+    ips = {k: n / statistics.median(v) for k, v in times.items()}
+    print(f"device {device}, {args.model}, batch {args.batch}, {args.size}px, amp {args.amp}, "
+          f"{args.steps} steps x {args.repeats} repeats, log.every {cfg.log.every}, "
+          f"grad_norm_every {cfg.log.grad_norm_every}")
+    print(f"monitoring off  {ips['off']:10.1f} img/s")
+    print(f"monitoring on   {ips['on']:10.1f} img/s")
+    print(f"on/off ratio: {ips['on'] / ips['off']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
