@@ -110,6 +110,7 @@ def main() -> None:
     build_loaders(cfgs["dali"], 0, 1, device, 0, True)[0].close()  # the preflight pass, cached, untimed
     print(f"preflight: {time.perf_counter() - t0:.0f}s", flush=True)
 
+    load0 = os.getloadavg()[0]
     rates: dict[str, list[float]] = {"dali": [], "torch": []}
     for r in range(args.repeats):
         for name in ("dali", "torch") if r % 2 == 0 else ("torch", "dali"):
@@ -120,7 +121,8 @@ def main() -> None:
     dali_kind = "DALI GPU decode" if device.type == "cuda" else "DALI CPU"
     print(f"\n{args.images} JPEGs 500x375 q90 -> {args.size}px (min_scale 0.08, flip, normalise), batch {args.batch}, "
           f"{args.threads} threads/workers, {args.batches} batches x {args.repeats} repeats, device {device}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, DALI {nvidia.dali.__version__}")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, DALI {nvidia.dali.__version__}, "
+          f"load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after (other processes skew it)")
     for name, label in (("dali", dali_kind), ("torch", "torch DataLoader")):
         spread = ", ".join(f"{x:.0f}" for x in rates[name])
         print(f"  {label:<17} {med[name]:8.1f} img/s median  ({spread})")

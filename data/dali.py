@@ -60,8 +60,8 @@ class Feed:
     by a thread pool. `plan` yields (sample indices, output size) per batch and may be infinite;
     the size is a per-sample input of the resize, so progressive resizing needs no rebuild."""
 
-    def __init__(self, samples, subst: np.ndarray, plan, workers: int):
-        self.samples, self.subst, self.plan = samples, subst, iter(plan)
+    def __init__(self, samples, subst: np.ndarray, plan, workers: int, sized: bool = True):
+        self.samples, self.subst, self.plan, self.sized = samples, subst, iter(plan), sized
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="dali-read")
         self.ahead: deque = deque()
 
@@ -76,7 +76,8 @@ class Feed:
         indices, size, reads = self.ahead.popleft()
         labels = [np.array(self.samples[self.subst[i]][1], dtype=np.int64) for i in indices]
         sizes = [np.array([size, size], dtype=np.float32)] * len(indices)
-        return [r.result() for r in reads], labels, [np.array(i, dtype=np.int64) for i in indices], sizes
+        out = [r.result() for r in reads], labels, [np.array(i, dtype=np.int64) for i in indices], sizes
+        return out if self.sized else out[:3]  # validation sizes come from the config
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -110,8 +111,10 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
 
     @pipeline_def(**kw)
     def pipe():
-        data, labels, index, size = fn.external_source(source=feed, num_outputs=4, batch=True,
-                                                       dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT])
+        n = 4 if feed.sized else 3  # + the per-sample output size of the training resize
+        outputs = fn.external_source(source=feed, num_outputs=n, batch=True,
+                                     dtype=[types.UINT8, types.INT64, types.INT64, types.FLOAT][:n])
+        data, labels, index, size = (*outputs, None)[:4]
         # RGB output: CMYK and grayscale JPEGs and PNGs named .JPEG all come out as 3 channels.
         decoder = dict(device="mixed", hw_decoder_load=0.65) if gpu else dict(device="cpu")
         if train:
@@ -154,7 +157,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.close()
-        self._feed = Feed(self.samples, self.subst, self.plan(position), self.cfg.workers)
+        self._feed = Feed(self.samples, self.subst, self.plan(position), self.cfg.workers, sized=self.train)
         pipe = make_pipeline(
             self._feed, self.train, self.cfg, self.gpu, self.hwc, batch_size=self.batch,
             num_threads=max(1, self.cfg.workers), device_id=(self.device.index or 0) if self.gpu else None,

@@ -1,7 +1,8 @@
 """Dataset preflight: find the files that would stop a run before the run starts.
 
-ImageNet's train split is known to hold a CMYK JPEG or so and a PNG named .JPEG; both decode
-fine when the decoder is asked for RGB, so they are only reported. Zero-byte, truncated and
+ImageNet's train split is known to hold a CMYK JPEG or so, a PNG named .JPEG and some grayscale
+JPEGs; all decode fine when the decoder is asked for RGB (grayscale as 3 equal channels), so they
+are only reported. Zero-byte, truncated and
 non-image files are unusable: the torch loader replaces them on the fly, but a DALI pipeline
 would raise mid-epoch, so the DALI loader drops them up front from a cached `scan`.
 
@@ -27,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 UNUSABLE = ("zero_byte", "truncated", "non_image")
-WARNINGS = ("cmyk", "png_as_jpeg")
+WARNINGS = ("cmyk", "png_as_jpeg", "grayscale")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Report:
     non_image: list[str] = field(default_factory=list)
     cmyk: list[str] = field(default_factory=list)
     png_as_jpeg: list[str] = field(default_factory=list)
+    grayscale: list[str] = field(default_factory=list)  # one channel: decoded as 3 equal ones
 
     @property
     def unusable(self) -> set[str]:
@@ -77,6 +79,8 @@ def check(path: str) -> str | None:
         return "cmyk"
     if head.startswith(PNG_MAGIC) and Path(path).suffix.lower() in (".jpg", ".jpeg"):
         return "png_as_jpeg"
+    if mode in ("L", "LA", "1", "I", "I;16"):
+        return "grayscale"
     return None
 
 
@@ -136,7 +140,8 @@ def cached_check(paths: list[str], workers: int = 0) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Find zero-byte, truncated, non-image, CMYK and PNG-as-JPEG files.")
+    p = argparse.ArgumentParser(
+        description="Find zero-byte, truncated, non-image, CMYK, PNG-as-JPEG and grayscale files.")
     p.add_argument("root", type=Path)
     p.add_argument("--workers", type=int, default=0, help="decode threads (default: all CPUs)")
     p.add_argument("--show", type=int, default=20, help="paths listed per problem")

@@ -5,6 +5,16 @@
     python slurm/submit.py ... --dry-run     # print the sbatch script, submit nothing
     python slurm/submit.py ... --local       # submitit's local executor (no SLURM), e.g. 2 CPU tasks
 
+Checked here, before anything is queued (one `error: ...` line on stderr, exit code 2):
+  * the config and the overrides (unknown key, wrong type, invalid value), with train.config.load.
+    The data set is not required to exist on this machine: data often lives on a file system
+    that only the compute nodes mount. A `data.root` that is not visible here is a warning, and
+    the job checks it when it starts; `--check-data` makes it an error here. A non-synthetic
+    loader with no `data.root` at all is always an error.
+  * the resource request, with `sbatch --test-only` on the exact batch script (unknown
+    partition, more nodes/CPUs/GPUs than the partition has, a time limit over its maximum, ...).
+    A rejection by the real `sbatch` is reported the same way.
+
 Every task runs `train.main.main([--config, C, *overrides, train.resume=auto])` in the submitit
 process, with MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK exported from the SLURM environment.
 Logs go to <run dir>/slurm/; TensorBoard reads <run dir>.
@@ -65,6 +75,17 @@ def _job_state(job_id: str) -> str:
     return ""
 
 
+def default_threads() -> int:
+    """CPUs of this task: SLURM's --cpus-per-task, else the CPUs it may run on shared by the
+    node's tasks (without a task/affinity plugin every task sees the whole node)."""
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return int(per_task)
+    local_tasks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1")
+                      .split("(")[0] or 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_tasks))
+
+
 class Trainer:
     """The submitit callable: one instance per task; `checkpoint()` makes the requeued run."""
 
@@ -83,10 +104,12 @@ class Trainer:
         # CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node): the trainer picks
         # cuda:LOCAL_RANK. overwrite: sbatch exports the submitting shell's environment.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // max(
-            1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))))
+        # intra-op threads per task: set before torch is imported (the OpenMP runtime reads it
+        # once). sbatch exports the submitting shell's environment, so a value set there wins.
+        os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
-        print(f"[submit] {env} restart {restarts}: train/main.py {shlex.join(self.argv())}", flush=True)
+        print(f"[submit] {env} restart {restarts}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}: "
+              f"train/main.py {shlex.join(self.argv())}", flush=True)
 
         usr_sig = env._usr_sig() if hasattr(env, "_usr_sig") else signal.SIGUSR2
         submitit_handler = signal.getsignal(usr_sig)  # checkpoint_and_try_requeue
@@ -166,8 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requeues", type=int, default=20, help="submitit's limit on time-out requeues")
     p.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--check-data", action="store_true",
+                   help="require data.root to exist on this machine too (default: a warning; the job checks it)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def time_to_minutes(t: str) -> int:
@@ -190,7 +215,7 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str):
 
     gpus = max(args.gpus_per_node, 0)
     tasks = args.tasks_per_node or gpus or 1
-    cluster = "local" if args.local else ("slurm" if args.dry_run else None)
+    cluster = "local" if args.local else "slurm"  # never a silent fallback to the local executor
     with contextlib.ExitStack() as stack:
         if args.dry_run and shutil.which("srun") is None:  # write the script on a machine without SLURM
             stack.enter_context(mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)))
@@ -229,15 +254,92 @@ def sbatch_script(executor) -> str:
     return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
+class SubmitError(Exception):
+    """A request that SLURM refuses (or cannot be asked); the message is one line."""
+
+
+def _sbatch_error(stderr: str) -> str:
+    """SLURM's reason in sbatch's stderr, on one line. The controller's answer comes last
+    ('allocation failure: ...' from --test-only, 'sbatch: error: Batch job submission failed: ...'
+    from a submission), after any client-side 'sbatch: error: ...' lines."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("sbatch: error:", "allocation failure:"))]
+    msg = (errors or lines or ["no message"])[-1]
+    for prefix in ("sbatch: error: ", "allocation failure: ", "Batch job submission failed: "):
+        msg = msg.removeprefix(prefix)
+    return msg
+
+
+def describe(args: argparse.Namespace) -> str:
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    parts = [f"partition '{args.partition}'" if args.partition else "default partition",
+             f"{args.nodes} node(s) x {tasks} task(s)"]
+    if args.gpus_per_node:
+        parts.append(f"{args.gpus_per_node} GPU(s)/node")
+    if args.cpus_per_task:
+        parts.append(f"{args.cpus_per_task} CPU(s)/task")
+    return ", ".join(parts) + f", time {args.time}"
+
+
+def check_request(executor, what: str) -> None:
+    """`sbatch --test-only` on the exact script submitit would submit: SLURM validates the request
+    (partition, node/CPU/GPU counts, time limit, account, QOS) and queues nothing."""
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: not a SLURM login node? (--local runs without SLURM; "
+                          "--dry-run prints the batch script)")
+    try:
+        r = subprocess.run(["sbatch", "--test-only"], input=sbatch_script(executor), capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SubmitError("sbatch --test-only did not answer in 120 s: is slurmctld up?") from None
+    if r.returncode != 0:
+        raise SubmitError(f"SLURM rejected the job ({what}): {_sbatch_error(r.stderr or r.stdout)}")
+
+
+def submit_job(executor, trainer: Trainer, what: str):
+    """executor.submit with sbatch's rejection as a SubmitError (submitit would print the whole
+    stderr and raise FailedJobError with it)."""
+    import io
+
+    from submitit.core.utils import FailedJobError
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            job = executor.submit(trainer)
+        sys.stderr.write(captured.getvalue())  # warnings, if any
+        return job
+    except FailedJobError as e:
+        raise SubmitError(f"SLURM rejected the job ({what}): {_sbatch_error(str(e) or captured.getvalue())}") from None
+    except OSError as e:
+        raise SubmitError(f"sbatch could not be run: {e}") from None
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_config(args: argparse.Namespace):
+    """The run's Config, validated here so that a typo fails now, not in the queue."""
     from train import config as config_lib
 
-    try:  # fail here, not in the queue; data may only exist on the cluster's file system
-        cfg = config_lib.load(args.config, args.overrides, check_data=False)
+    try:
+        cfg = config_lib.load(args.config, args.overrides, check_data=args.check_data)
     except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"config: {e}")
+    if cfg.data.loader != "synthetic":
+        if not cfg.data.root:  # not a matter of where the data is mounted: always wrong
+            fail("config: data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
+        if not (Path(cfg.data.root) / "train").is_dir():
+            print(f"warning: data.root '{cfg.data.root}' is not visible on this machine; the job checks it on "
+                  "the compute node (--check-data: require it here)", file=sys.stderr)
+    return cfg
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    cfg = load_config(args)
     run_dir = cfg.run_dir.resolve()
     # pin the run dir and the config path: the job may start in another working directory
     overrides = [*args.overrides, f"log.dir={run_dir.parent}", f"log.name={run_dir.name}"]
@@ -254,7 +356,15 @@ def main(argv: list[str] | None = None):
         print(sbatch_script(executor))
         return None
 
-    job = executor.submit(Trainer(config, overrides))
+    created = next((d for d in (*reversed(folder.parents), folder) if not d.exists()), None)
+    try:
+        if not args.local:
+            check_request(executor, describe(args))  # before submitit writes anything into the run dir
+        job = submit_job(executor, Trainer(config, overrides), describe(args))
+    except SubmitError as e:
+        if created is not None:  # what submitit wrote for a job that was never queued (pickle, script)
+            shutil.rmtree(created, ignore_errors=True)
+        fail(str(e))
     print(f"submitted job {job.job_id} ({executor.cluster}): {name}")
     print(f"  stdout: {job.paths.stdout}")
     print(f"  stderr: {job.paths.stderr}")

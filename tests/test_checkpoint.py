@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -58,11 +59,18 @@ def test_kill_9_one_worker_then_torchrun_restarts(tmp_path, medium_data):
     run_trainer(cfg, *common, "log.name=full", nproc=2)
     proc = start(cfg, *common, "log.name=killed", max_restarts=3)  # a restart can itself fail (gloo connect race)
     ckpts = tmp_path / "runs/killed/checkpoints"
-    wait_for(lambda: any(int(p.name[5:]) >= 8 for p in checkpoints(ckpts)))
-    workers = children(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        wait_for(lambda: any(int(p.name[5:]) >= 8 for p in checkpoints(ckpts)))
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:  # never leave a torchrun behind when an assertion fails
+        if proc.poll() is None:
+            for pid in children(proc.pid) + [proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out
     assert_same_weights(tmp_path / "runs/full", tmp_path / "runs/killed")

@@ -1,6 +1,8 @@
 """DALI loader (CPU backend): exact epoch lengths, the torch loader's global order on any world
-size, mid-epoch resume, exact validation shares, RGB decoding of CMYK/PNG, unusable files."""
+size, mid-epoch resume, exact validation shares, RGB decoding of CMYK/PNG/grayscale, unusable files,
+validation tensors equal to the torch loader's, and the trainer learning as well on either loader."""
 
+import json
 import logging
 from dataclasses import replace
 
@@ -11,7 +13,8 @@ from PIL import Image
 
 from data import torch_loader
 from data.sampler import steps_per_epoch
-from tests.test_preflight import TRAIN_COUNTS, VAL_COUNTS, messy_folder
+from tests.conftest import make_image_folder, run_trainer, write_config
+from tests.test_preflight import N_SPECIAL_TRAIN, N_SPECIAL_VAL, TRAIN_COUNTS, VAL_COUNTS, messy_folder
 from train.config import DataConfig
 
 pytestmark = pytest.mark.dali
@@ -19,8 +22,8 @@ pytest.importorskip("nvidia.dali")
 from data import dali  # noqa: E402
 
 CPU = torch.device("cpu")
-N_TRAIN = sum(TRAIN_COUNTS) + 5  # + CMYK, PNG, zero-byte, truncated, non-image
-N_VAL = sum(VAL_COUNTS) + 2
+N_TRAIN = sum(TRAIN_COUNTS) + N_SPECIAL_TRAIN  # + CMYK, PNG, grayscale, zero-byte, truncated, non-image
+N_VAL = sum(VAL_COUNTS) + N_SPECIAL_VAL  # + CMYK, PNG, grayscale
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +145,100 @@ def test_cmyk_and_png_named_jpeg_decode_like_pil(messy):
         assert diff.mean() < 2 and diff.max() < 16, (path, diff.mean(), diff.max())
 
 
+
+def unnormalise(x, cfg):
+    std, mean = (torch.tensor(v).view(3, 1, 1) * 255 for v in (cfg.std, cfg.mean))
+    return x * std + mean
+
+
+def test_grayscale_decodes_to_three_equal_channels_on_both_loaders(messy):
+    root, special = messy
+    cfg = config(root, val_batch_size=1)
+    train_gray, val_gray = special["grayscale"]
+    pil = torch.from_numpy(np.asarray(Image.open(val_gray), dtype=np.float32))
+    assert pil.ndim == 2  # really a one-channel JPEG
+    for name, build in (("dali", dali.build), ("torch", torch_loader.build)):
+        train, val, _ = build(cfg if name == "dali" else replace(cfg, workers=0), 0, 1, CPU, 0, False)
+        # validation (val_resize = val_crop = the image size: the pixels themselves)
+        samples = val.samples if name == "dali" else val.loader.dataset.samples
+        i = [p for p, _ in samples].index(val_gray)
+        if name == "dali":
+            x = next(x[0] for x, _, idx in val.iter_indexed() if idx[0] == i)
+        else:
+            x = list(val)[i][0][0]
+        rgb = unnormalise(x, cfg)
+        assert x.shape == (3, 32, 32)
+        for c in (1, 2):
+            assert (rgb[c] - rgb[0]).abs().max() < 1e-3, (name, "val", c)
+        diff = (rgb[0] - pil).abs()
+        assert diff.mean() < 2 and diff.max() < 16, (name, diff.mean(), diff.max())
+        # training: random crop, resize and flip act on the three channels alike
+        train.set_epoch(0)
+        if name == "dali":
+            batches = [(x, idx.tolist()) for x, _, idx in train.iter_indexed()]
+        else:  # the torch loader's sampler gives the indices of its batches in order
+            keys = [k for k, _ in train.sampler]
+            batches = [(x, keys[b * 4:(b + 1) * 4]) for b, (x, _) in enumerate(train)]
+        index = [p for p, _ in torch_loader.scan(root / "train")[0]].index(train_gray)
+        found = [unnormalise(x[j], cfg) for x, idx in batches for j, k in enumerate(idx) if k == index]
+        assert found, f"{name}: grayscale training image not in epoch 0"
+        for rgb in found:
+            assert rgb.std() > 0 and (rgb[1:] - rgb[0]).abs().max() < 1e-3, (name, "train")
+
+
+def texture(seed: int, w: int, h: int) -> np.ndarray:
+    """Sinusoidal stripes: a crop or scale off by one pixel changes many values (unlike a gradient)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    f = rng.uniform(0.1, 0.4, 3)
+    return np.stack([128 + 100 * np.sin(f[0] * x + f[1] * y + k) for k in range(3)], -1).clip(0, 255).astype(np.uint8)
+
+
+# (width, height): shorter side 30 or 33 -> 32 (upscale), 48 or 75 -> 32 (antialiased downscale);
+# 40x30 -> 42x32 in torchvision (int(32 * 40 / 30)) where DALI's resize_shorter would give 43.
+VAL_SIZES = [(40, 30), (30, 40), (64, 48), (100, 75), (75, 100), (33, 50)]
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sized")
+    for split in ("train", "val"):
+        for i, (w, h) in enumerate(VAL_SIZES):
+            folder = root / split / f"n{i % 2:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(texture(i, w, h)).save(folder / f"{i:02d}.JPEG", quality=95)
+    return root
+
+
+@pytest.mark.parametrize("crop", [28, 27])  # 27: an odd number of pixels to cut off (42 - 27)
+def test_val_tensors_match_torch_loader(sized, crop):
+    """Same resize of the shorter side (to 32), centre crop and normalisation on both loaders.
+    The geometry is torchvision's exactly (data.dali.val_geometry: longer side floored, crop
+    offset rounded half to even); what is left is that DALI's and torchvision's antialiased linear
+    resizes are different implementations and round to uint8 slightly differently. Measured here:
+    mean |diff| <= 0.004 and max |diff| = 0.0175 normalised units (one uint8 step / (0.224 * 255));
+    with DALI's own resize_shorter and crop_pos rounding the max was 0.34-0.67 (20-39 uint8 steps)."""
+    cfg = config(sized, batch_size=2, val_resize=32, val_crop=crop, val_batch_size=len(VAL_SIZES))
+    want = torch.cat([x for x, _ in torch_loader.build(replace(cfg, workers=0), 0, 1, CPU, 0, False)[1]])
+    (got, labels, idx), = list(dali.build(cfg, 0, 1, CPU, 0, False)[1].iter_indexed())
+    assert idx.tolist() == list(range(len(VAL_SIZES))) and got.shape == want.shape == (len(VAL_SIZES), 3, crop, crop)
+    for i in range(len(VAL_SIZES)):
+        diff = (got[i] - want[i]).abs()
+        assert diff.mean() < 0.01 and diff.max() < 0.05, (i, diff.mean().item(), diff.max().item())
+
+
+def test_trainer_learns_as_well_on_dali_as_on_torch(tmp_path):
+    """1 rank, a few epochs on colour-coded classes: both loaders reach the same accuracy band."""
+    data = make_image_folder(tmp_path / "data", classes=4, train_per_class=16, val=40, size=32)
+    cfg = write_config(tmp_path, data)
+    # 6 epochs reach 100 % on both loaders (seeds 0 and 1), 5 epochs 75 %: 8 leave a margin
+    common = ["train.epochs=8", "log.tensorboard=false", "checkpoint.every_epochs=100"]  # saved at the end only
+    top1 = {}
+    for loader in ("torch", "dali"):
+        run_trainer(cfg, *common, f"data.loader={loader}", "data.dali_device=cpu", f"log.name={loader}")
+        top1[loader] = json.loads((tmp_path / "runs" / loader / "summary.json").read_text())["final_top1"]
+    assert min(top1.values()) >= 90 and abs(top1["dali"] - top1["torch"]) <= 10, top1
+
 def test_replacements_wrap_around():
     samples = [(f"{i}", 0) for i in range(5)]
     assert dali.replacements(samples, {"1", "2", "4"}).tolist() == [0, 3, 3, 3, 0]
@@ -152,7 +249,7 @@ def test_gpu_graph_is_valid_without_a_gpu():
     (hardware decoder load, nvJPEG preallocation) are checked here even without CUDA."""
     cfg = DataConfig()
     for train in (True, False):
-        feed = dali.Feed([("x", 0)], np.zeros(1, dtype=np.int64), iter(()), 1)
+        feed = dali.Feed([("x", 0)], np.zeros(1, dtype=np.int64), iter(()), 1, sized=train)
         dali.make_pipeline(feed, train, cfg, gpu=True, hwc=True, batch_size=2, num_threads=1, device_id=0)
         feed.close()
     if not torch.cuda.is_available():

@@ -16,6 +16,8 @@ from data.prepare import check_imagenet_classes, imagenet_val_to_folders, imagen
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_COUNTS = (7, 5, 4)  # good JPEGs per class, deliberately uneven
 VAL_COUNTS = (4, 3, 3)
+N_SPECIAL_TRAIN = 6  # CMYK, PNG-as-JPEG, grayscale, zero-byte, truncated, non-image
+N_SPECIAL_VAL = 3  # CMYK, PNG-as-JPEG, grayscale
 
 
 def jpeg_bytes(pixels: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
@@ -34,16 +36,18 @@ def smooth(seed: int, size: int = 32) -> np.ndarray:
 
 def messy_folder(root: Path) -> dict:
     """<root>/{train,val}/n0000000k/: good JPEGs plus, in train, a CMYK JPEG and a PNG named .JPEG
-    (class 0), a zero-byte and a truncated JPEG (class 1) and a text file named .JPEG (class 2); val
-    also holds a CMYK JPEG and a PNG named .JPEG. Returns the special paths by kind."""
-    special = {"cmyk": [], "png_as_jpeg": [], "zero_byte": [], "truncated": [], "non_image": []}
+    (class 0), a zero-byte and a truncated JPEG (class 1), a text file named .JPEG and a grayscale
+    JPEG (class 2); val also holds a CMYK JPEG, a PNG named .JPEG (class 0) and a grayscale JPEG
+    (class 1). Returns the special paths by kind."""
+    special = {"cmyk": [], "png_as_jpeg": [], "grayscale": [], "zero_byte": [], "truncated": [], "non_image": []}
     for split, counts in (("train", TRAIN_COUNTS), ("val", VAL_COUNTS)):
         for c, count in enumerate(counts):
             folder = root / split / f"n{c:08d}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 (folder / f"{split}_{c}_{i:02d}.JPEG").write_bytes(jpeg_bytes(smooth(100 * c + i)))
-        extra = {"cmyk": (0, jpeg_bytes(smooth(7), "CMYK")), "png_as_jpeg": (0, jpeg_bytes(smooth(8), fmt="PNG"))}
+        extra = {"cmyk": (0, jpeg_bytes(smooth(7), "CMYK")), "png_as_jpeg": (0, jpeg_bytes(smooth(8), fmt="PNG")),
+                 "grayscale": (2 if split == "train" else 1, jpeg_bytes(smooth(10), "L"))}
         if split == "train":
             extra |= {"zero_byte": (1, b""), "truncated": (1, jpeg_bytes(smooth(9))[:300]),
                       "non_image": (2, b"this is not an image\n" * 20)}
@@ -64,7 +68,7 @@ def messy(tmp_path_factory):
 def test_scan_counts_each_kind(messy):
     root, special = messy
     report = preflight.scan(root, workers=2)
-    assert report.total == sum(TRAIN_COUNTS) + sum(VAL_COUNTS) + 5 + 2
+    assert report.total == sum(TRAIN_COUNTS) + sum(VAL_COUNTS) + N_SPECIAL_TRAIN + N_SPECIAL_VAL
     for kind, paths in special.items():
         assert sorted(getattr(report, kind)) == sorted(paths), kind
     assert report.unusable == set(special["zero_byte"] + special["truncated"] + special["non_image"])
@@ -76,9 +80,9 @@ def test_cli_exit_codes(messy, tmp_path, capsys):
                          text=True, timeout=60)  # once as a user runs it; the rest in-process (no torch import)
     assert bad.returncode == 1, bad.stderr
     for line in ("zero_byte: 1 (error)", "truncated: 1 (error)", "non_image: 1 (error)", "cmyk: 2 (warning)",
-                 "png_as_jpeg: 2 (warning)"):
+                 "png_as_jpeg: 2 (warning)", "grayscale: 2 (warning)"):
         assert line in bad.stdout
-    assert preflight.main([str(root / "val")]) == 0  # CMYK and PNG-as-JPEG only warn
+    assert preflight.main([str(root / "val")]) == 0  # CMYK, PNG-as-JPEG and grayscale only warn
     capsys.readouterr()
     assert preflight.main([str(tmp_path / "nope")]) != 0
     err = capsys.readouterr().err

@@ -1,5 +1,7 @@
 """SLURM bars on a real single-node cluster (slurm/cluster.sh): submitit and sbatch jobs of 2 CPU
-ranks run to the end, and a preempted job saves, requeues itself and resumes where it stopped.
+ranks run to the end; a preempted job saves, requeues itself, resumes where it stopped and ends
+with the same weights, bit for bit, as an uninterrupted torchrun run of the same config; a bad
+config or a request SLURM cannot satisfy fails in slurm/submit.py with one line, nothing queued.
 
     .venv/bin/python -m pytest tests/test_slurm.py -q -m slurm
 """
@@ -18,8 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_trainer
+from train.export import model_state_dict
 
 pytestmark = pytest.mark.slurm
 
@@ -27,15 +31,22 @@ CLUSTER = ROOT / "slurm" / "cluster.sh"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 # ~40 ms a step at 2 CPU ranks; the run's start-up (two `import torch`, gloo) is most of a job.
+# deterministic + 1 intra-op thread per rank (JOB_ENV, and run_trainer's env for the reference):
+# a resumed job then ends with exactly the weights of an uninterrupted run. The thread count
+# matters: 2 threads split a convolution's reductions differently from 1.
 TINY = """
 data: {{loader: synthetic, batch_size: 4, workers: 0, train_crop: 16, val_resize: 16, val_crop: 16,
         num_classes: 4, synthetic_samples: {samples}}}
 model: {{name: resnet20, stem: cifar, sync_bn: false}}
-train: {{epochs: 1, amp: "off"}}
+train: {{epochs: 1, amp: "off", deterministic: true}}
 log: {{dir: {runs}, every: 2, progress: lines, tensorboard: false}}
 checkpoint: {{async_save: false}}
 dist: {{device: cpu}}
 """
+
+
+PREEMPT_STEPS = 200
+JOB_ENV = {"OMP_NUM_THREADS": "1"}  # sbatch exports the submitting environment to the job
 
 
 def tiny_config(tmp_path: Path, steps: int) -> Path:
@@ -43,6 +54,23 @@ def tiny_config(tmp_path: Path, steps: int) -> Path:
     p = tmp_path / "tiny.yaml"
     p.write_text(TINY.format(samples=steps * 8, runs=tmp_path / "runs"))
     return p
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Final weights of the preemption tests' config, run without interruption: plain torchrun
+    (not SLURM), 2 ranks, OMP_NUM_THREADS=1."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_trainer(tiny_config(tmp, steps=PREEMPT_STEPS), "log.name=ref", nproc=2, timeout=300)
+    assert summary(tmp / "runs/ref")["steps"] == PREEMPT_STEPS
+    return model_state_dict(tmp / "runs/ref")
+
+
+def assert_same_weights(reference: dict[str, torch.Tensor], run: Path) -> None:
+    got = model_state_dict(run)
+    assert got.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(reference[k], got[k])]
+    assert not differ, f"{len(differ)}/{len(reference)} tensors differ from the uninterrupted run: {differ[:5]}"
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +129,18 @@ def logged_step(log: Path) -> int:
     return int(steps[-1]) if steps else 0
 
 
-def submit(cfg: Path, *overrides: str, extra: tuple[str, ...] = ()) -> tuple[str, str]:
+def run_submit(cfg: Path | str, *overrides: str, extra: tuple[str, ...] = (),
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """slurm/submit.py for 1 node x 2 CPU tasks; `extra` options come later and win."""
     cmd = [sys.executable, "slurm/submit.py", "--config", str(cfg), "--nodes", "1", "--gpus-per-node", "0",
            "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30", "--partition", "debug", *extra,
            *overrides]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **JOB_ENV, **(env or {})})
+
+
+def submit(cfg: Path, *overrides: str, extra: tuple[str, ...] = ()) -> tuple[str, str]:
+    r = run_submit(cfg, *overrides, extra=extra)
     assert r.returncode == 0, r.stdout + r.stderr
     return re.search(r"submitted job (\d+)", r.stdout).group(1), r.stdout
 
@@ -135,8 +170,8 @@ def test_submitit_job_runs_to_completion(cluster, tmp_path):
     assert status == "success" and result["steps"] == 12
 
 
-def test_submitit_preemption_saves_requeues_and_resumes(cluster, tmp_path):
-    steps = 200
+def test_submitit_preemption_saves_requeues_and_resumes(cluster, reference, tmp_path):
+    steps = PREEMPT_STEPS
     cfg = tiny_config(tmp_path, steps=steps)
     job, _ = submit(cfg, "log.name=pre")
     run = tmp_path / "runs/pre"
@@ -149,15 +184,19 @@ def test_submitit_preemption_saves_requeues_and_resumes(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     saved = int(re.search(r"saved step (\d+); exiting with code 3", text).group(1))
     assert 6 <= saved < steps
-    assert "Requeued job" in text and "restart 1:" in text
+    assert "Requeued job" in text and "restart 1," in text
+    for task in (0, 1):  # both runs of both tasks had 1 thread, as the reference
+        task_log = read(log.with_name(f"{job}_{task}_log.out"))
+        assert re.findall(r"restart (\d), OMP_NUM_THREADS=1:", task_log) == ["0", "1"], task_log[-3000:]
     m = re.search(r"resumed from \S+step_(\d+): epoch 1, step (\d+)", text)
     assert m, text[-4000:]
     assert int(m.group(1)) == int(m.group(2)) == saved  # resumed at the saved step, not from scratch
-    after = text[text.index("restart 1:"):]
+    after = text[text.index("restart 1,"):]
     first_step = int(re.search(r"step (\d+)/", after).group(1))
     assert saved < first_step <= saved + 2
     assert summary(run)["steps"] == steps
     assert checkpoint_steps(run)[-1] == steps
+    assert_same_weights(reference, run)
 
 
 def free_port() -> int:
@@ -166,11 +205,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sbatch_usr1_saves_requeues_and_resumes(cluster, tmp_path):
-    steps = 200
+def test_sbatch_usr1_saves_requeues_and_resumes(cluster, reference, tmp_path):
+    steps = PREEMPT_STEPS
     cfg = tiny_config(tmp_path, steps=steps)
     log = tmp_path / "sbatch.out"
-    env = {**os.environ, "CONFIG": str(cfg), "GPUS": "2", "PYTHON": sys.executable, "RDZV_PORT": str(free_port())}
+    env = {**os.environ, **JOB_ENV, "CONFIG": str(cfg), "GPUS": "2", "PYTHON": sys.executable,
+           "RDZV_PORT": str(free_port())}
     # the header asks for 8 GPUs and 64 CPUs: command-line options override it
     r = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
                         "--time=10", "slurm/train.sbatch", "log.name=sb"],
@@ -188,12 +228,14 @@ def test_sbatch_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     assert 6 <= saved < steps
     assert "all 2 workers saved a checkpoint" in text and "requeueing job" in text
     assert "restart 1:" in text
+    assert len(re.findall(r"restart \d: 1 node\(s\) x 2 workers, OMP_NUM_THREADS=1,", text)) == 2, text[-4000:]
     m = re.search(r"resumed from \S+step_(\d+): epoch 1, step (\d+)", text)
     assert m and int(m.group(1)) == int(m.group(2)) == saved, text[-4000:]
     after = text[text.index("restart 1:"):]
     assert saved < int(re.search(r"step (\d+)/", after).group(1)) <= saved + 2
     assert summary(run)["steps"] == steps and summary(run)["world_size"] == 2
     assert "training exited with code 0" in text
+    assert_same_weights(reference, run)
 
 
 def test_dry_run_prints_the_sbatch_parameters(tmp_path):
@@ -206,6 +248,8 @@ def test_dry_run_prints_the_sbatch_parameters(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     out = r.stdout
+    # the data lives on the cluster's file system: not visible here is a warning, not an error
+    assert "warning: data.root '/data/imagenet' is not visible on this machine" in r.stderr
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=4320", "#SBATCH --cpus-per-task=10",
                  "#SBATCH --mem-per-gpu=64G", "#SBATCH --account=acct", "#SBATCH --qos=high",
@@ -233,3 +277,75 @@ def test_local_executor_runs_two_tasks(tmp_path):
     assert "done: 6 steps" in r.stdout
     s = summary(tmp_path / "runs/loc")
     assert s["steps"] == 6 and s["world_size"] == 2
+
+
+def fake_sbatch(tmp_path: Path, reject: str = "") -> tuple[dict, Path]:
+    """PATH with an `sbatch` that logs its calls; it accepts `--test-only` and, with `reject`,
+    refuses the real submission with that message (as sbatch does: on stderr, exit 1)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch_calls"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case " $* " in *" --test-only "*) echo "sbatch: Job 1 to start at now" >&2; exit 0;; esac
+echo "sbatch: error: Batch job submission failed: {reject}" >&2
+exit 1
+""")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}"}, calls
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, *expected: str) -> str:
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "submitted job" not in r.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("config, overrides, expected", [
+    ("tiny", ["optim.lr=abc"], "error: config: optim.lr: expected float, got 'abc'"),
+    ("tiny", ["optim.lrr=0.1"], "error: config: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("tiny", ["train.epochs=0"], "error: config: train.epochs: must be > 0"),
+    ("configs/imagenet_resnet50.yaml", [], "error: config: data.root: not set"),
+    ("configs/imagenet_resnet50.yaml", ["--check-data", "data.root=/nonexistent/imagenet"],
+     "error: config: data.root: '/nonexistent/imagenet/train' does not exist"),
+], ids=["wrong-type", "unknown-key", "invalid-value", "no-data-root", "check-data"])
+def test_bad_config_fails_at_submission(tmp_path, config, overrides, expected):
+    """Needs no cluster: the config is checked before SLURM is asked anything."""
+    env, calls = fake_sbatch(tmp_path)
+    cfg = tiny_config(tmp_path, steps=10) if config == "tiny" else config
+    r = run_submit(cfg, f"log.dir={tmp_path}/runs", *overrides, env=env)
+    assert_one_error_line(r, expected)
+    assert not calls.exists()  # sbatch never called: nothing queued
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sbatch_rejection_is_one_line(tmp_path):
+    """Needs no cluster: a request that passes `sbatch --test-only` but that sbatch refuses (the
+    path where submitit raises FailedJobError) gives the same one line, and leaves no files."""
+    env, calls = fake_sbatch(tmp_path, reject="Invalid account or account/partition combination specified")
+    r = run_submit(tiny_config(tmp_path, steps=10), "log.name=acct", env=env)
+    assert_one_error_line(r, "error: SLURM rejected the job (partition 'debug', 1 node(s) x 2 task(s), "
+                             "1 CPU(s)/task, time 30): Invalid account or account/partition combination specified")
+    checked, submitted = calls.read_text().splitlines()  # `sbatch --test-only`, then submitit's `sbatch <script>`
+    assert checked == "--test-only" and submitted.endswith(".sh")
+    assert not (tmp_path / "runs").exists()  # submitit's pickle and script removed
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--partition", "nosuch"), "Invalid partition name specified"),
+    (("--nodes", "5"), "Requested node configuration is not available"),  # a plain sbatch would queue it
+    (("--cpus-per-task", "64"), "Requested node configuration is not available"),
+], ids=["partition", "nodes", "cpus"])
+def test_impossible_request_fails_at_submission(cluster, tmp_path, extra, expected):
+    """`sbatch --test-only` on the real controller: one line with SLURM's reason, exit 2, no job."""
+    name = f"bad-{extra[0].strip('-')}-{os.getpid()}"
+    r = run_submit(tiny_config(tmp_path, steps=10), extra=(*extra, "--job-name", name))
+    line = assert_one_error_line(r, "error: SLURM rejected the job (", f"): {expected}")
+    assert "Traceback" not in r.stderr, line
+    queued = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"], capture_output=True, text=True)
+    assert queued.returncode == 0 and queued.stdout.strip() == "", queued.stdout + queued.stderr
+    assert not (tmp_path / "runs").exists()
