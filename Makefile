@@ -6,7 +6,7 @@ DATA ?= datasets/fashion-mnist
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test test-all bench lint clean
+.PHONY: install data demo test test-all test-slow bench lint clean
 
 install: $(VENV)/.installed
 
@@ -27,11 +27,17 @@ demo: data
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: install
+test-all: data
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-bench: install
+test-slow: data
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: data  # the CPU benchmarks; on a GPU also `$(PY) benchmarks/gpu.py`
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/monitor.py
+	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/loader.py
 
 lint: install
 	$(VENV)/bin/ruff check .

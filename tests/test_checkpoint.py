@@ -57,7 +57,8 @@ def test_kill_9_one_worker_then_torchrun_restarts(tmp_path, medium_data):
     cfg = write_config(tmp_path, medium_data, "\n")
     common = ["checkpoint.every_steps=4", "train.epochs=2"]
     run_trainer(cfg, *common, "log.name=full", nproc=2)
-    proc = start(cfg, *common, "log.name=killed", max_restarts=3)  # a restart can itself fail (gloo connect race)
+    # one restart is needed; the spare ones only absorb launcher noise on a loaded CI machine
+    proc = start(cfg, *common, "log.name=killed", max_restarts=3)
     ckpts = tmp_path / "runs/killed/checkpoints"
     try:
         wait_for(lambda: any(int(p.name[5:]) >= 8 for p in checkpoints(ckpts)))

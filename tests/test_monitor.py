@@ -71,7 +71,9 @@ def test_scalars_have_every_tag_finite_at_the_right_steps(events):
 
 def test_lr_follows_the_schedule(events):
     lrs = [e.value for e in events.Scalars("train/lr")]
-    assert lrs[0] < max(lrs)  # warmup over the first half epoch, then cosine decay
+    # lr 0.1 per 256 at global batch 16; warmup ends at step 2 (half an epoch), cosine to 0 at step 8
+    assert lrs[0] == pytest.approx(0.1 * 16 / 256)
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -79,8 +81,8 @@ def test_images_histograms_graph_and_text(events, run):
     tags = events.Tags()
     inputs = events.Images("train/inputs")
     assert len(inputs) == 1 and inputs[0].step == 0
-    # 8 images of 32x32 per row, 2 rows (16 images), 2 px padding: make_grid's layout
-    assert (inputs[0].width, inputs[0].height) == (8 * 34 + 2, 2 * 34 + 2)
+    # rank 0's batch of 8 images of 32x32 in one row, 2 px padding: make_grid's layout
+    assert (inputs[0].width, inputs[0].height) == (8 * 34 + 2, 34 + 2)
     for stage, size in (("conv1", 32), ("layer1", 32), ("layer2", 16), ("layer3", 8)):
         imgs = events.Images(f"features/{stage}")
         assert [i.step for i in imgs] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH], stage

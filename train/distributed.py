@@ -50,6 +50,20 @@ def env_from_slurm() -> None:
         os.environ["MASTER_ADDR"] = nodes[0]
 
 
+def restart_safe_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun restart round.
+
+    torchrun (--max-restarts) keeps one TCPStore across rounds, and the process-group keys
+    ("rank 0's address") are the same in every round: a restarted rank could read the address of
+    a peer killed in the previous round and fail in gloo's connectFullMesh ("Connection refused").
+    Seen here about one restart in three; a per-round prefix removes the race.
+    """
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_serves, timeout=timeout)
+    return dist.PrefixStore(f"resnet/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...)."""
     env_from_slurm()
@@ -69,8 +83,9 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if use_cuda else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout, device_id=dev if use_cuda else None,
+                                store=restart_safe_store(rank, world, timeout), rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, dev)
 
 
