@@ -185,3 +185,12 @@ def test_transfer_learning_new_classifier_and_frozen_stages(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(ConfigError, match="model.name: unknown model 'resnet5'; did you mean 'resnet56'"):
         build(ModelConfig(name="resnet5"), 10)
+
+
+def test_new_classifier_resets_the_head_of_same_size(tmp_path):
+    src = resnet("resnet20", 5)
+    torch.save(src.state_dict(), tmp_path / "src.pth")
+    kept = build(ModelConfig(name="resnet20", weights=str(tmp_path / "src.pth")), 5)
+    fresh = build(ModelConfig(name="resnet20", weights=str(tmp_path / "src.pth"), new_classifier=True), 5)
+    assert torch.equal(kept.fc.weight, src.fc.weight) and not torch.equal(fresh.fc.weight, src.fc.weight)
+    assert torch.equal(fresh.layer3[2].conv2.weight, src.layer3[2].conv2.weight)

@@ -57,6 +57,7 @@ class ModelConfig:
     stride_in_1x1: bool = False  # True = the paper's ResNet v1, False = v1.5 (torchvision)
     weights: str = ""  # local .pth (torchvision state_dict or project export)
     freeze_stages: int = 0
+    new_classifier: bool = False  # with weights: re-initialise fc (transfer to other classes)
     channels_last: bool = True
     sync_bn: bool = True  # only when world_size > 1
     compile: bool = False

@@ -62,6 +62,9 @@ def build(cfg, num_classes: int) -> ResNet:
         raise ConfigError(str(e)) from None
     if cfg.weights:
         load_weights(model, cfg.weights)
+        if cfg.new_classifier:  # new classes: the old head's rows mean other things
+            model.fc.reset_parameters()
+        log.info("model.weights: loaded %s%s", cfg.weights, "; classifier re-initialised" if cfg.new_classifier else "")
     if cfg.freeze_stages:
         try:
             model.freeze(cfg.freeze_stages)
