@@ -10,48 +10,25 @@ Runs alternate (off, on, off, on, ...); the ratio of medians is printed last. Go
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.train_step import trainer  # noqa: E402
-from data.synthetic import SyntheticLoader  # noqa: E402
+from benchmarks.train_step import arguments, setup, trainer  # noqa: E402
 from train.config import Config  # noqa: E402
-from train.distributed import DistInfo  # noqa: E402
 from train.monitor import Monitor  # noqa: E402
-from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.trainer import Hooks, StopSignal, build_model  # noqa: E402
+from train.trainer import Hooks, StopSignal  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--stem", default="auto")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--amp", default="off")
-    args = p.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
+    args = arguments(__doc__, steps=100).parse_args()
     cfg = Config()  # default log intervals: what a user gets
-    cfg.model.name, cfg.model.stem = args.model, args.stem
-    info = DistInfo(0, 1, 0, device)
-    model, bare = build_model(cfg, 10, info)
-    loader = SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0)
-    optimizer = build_optimizer(cfg.optim, model, args.batch)
-    scheduler = build_scheduler(cfg.schedule, optimizer, args.steps, 1000)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    criterion = nn.CrossEntropyLoss()
+    b = setup(args, cfg)
+    device, info, model, bare, loader, optimizer, scheduler, scaler, criterion = (
+        b.device, b.info, b.model, b.bare, b.loader, b.optimizer, b.scheduler, b.scaler, b.criterion)
     stop = StopSignal()
     with tempfile.TemporaryDirectory() as tmp:
         on = Monitor(Path(tmp), True, 1, args.steps, 1000, progress="off", tensorboard=True, opts=cfg.log)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -57,30 +58,43 @@ def trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks, devic
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The options every trainer-step benchmark shares (this one and benchmarks/monitor.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--model", default="resnet20")
     p.add_argument("--stem", default="auto")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--amp", default="off")
-    p.add_argument("--log-every", type=int, default=50)
-    args = p.parse_args()
+    return p
 
+
+def setup(args, cfg: Config) -> SimpleNamespace:
+    """Model (DDP-free, 1 rank), synthetic loader, optimizer, schedule, scaler, loss for `args`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    cfg = Config()
     cfg.model.name, cfg.model.stem = args.model, args.stem
-    cfg.log.every = args.log_every
     info = DistInfo(0, 1, 0, device)
-    model, _ = build_model(cfg, 10, info)
-    loader = SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0)
+    model, bare_model = build_model(cfg, 10, info)
     optimizer = build_optimizer(cfg.optim, model, args.batch)
-    scheduler = build_scheduler(cfg.schedule, optimizer, args.steps, 1000)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    criterion = nn.CrossEntropyLoss()
+    return SimpleNamespace(
+        device=device, info=info, model=model, bare=bare_model, optimizer=optimizer,
+        loader=SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0),
+        scheduler=build_scheduler(cfg.schedule, optimizer, args.steps, 1000),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), criterion=nn.CrossEntropyLoss())
+
+
+def main() -> None:
+    p = arguments(__doc__, steps=30)
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args()
+    cfg = Config()
+    cfg.log.every = args.log_every
+    b = setup(args, cfg)
+    device, info, model, loader, optimizer, scheduler, scaler, criterion = (
+        b.device, b.info, b.model, b.loader, b.optimizer, b.scheduler, b.scaler, b.criterion)
     with tempfile.TemporaryDirectory() as tmp:
         monitor = Monitor(Path(tmp), True, 1, args.steps, 1, progress="off", tensorboard=True)
         hooks = Hooks(cfg, info, monitor, save=lambda *a, **k: None, global_batch=args.batch, stop=StopSignal())
