@@ -84,3 +84,26 @@ def test_every_shipped_config_loads(path, tmp_path):
         (tmp_path / split).mkdir()
     cfg = load(f"data.root={tmp_path}", path=str(path))
     assert cfg.log.name == path.stem and cfg.train.epochs > 0
+
+
+def test_choices_live_on_the_fields():
+    """A Literal field is checked where it is read (YAML, override, from_dict) and YAML 1.1's off stays 'off'."""
+    assert load("train.amp=off", "log.progress=off", data=False).train.amp == "off"
+    assert C.from_dict({"train": {"amp": False}}).train.amp == "off"
+    with pytest.raises(C.ConfigError, match="^model.shortcut: 'D' is not one of auto, A, B, C$"):
+        C.from_dict({"model": {"shortcut": "D"}})
+    cfg = C.Config()
+    cfg.dist.backend = "mpi"  # set in code, bypassing the parser
+    with pytest.raises(C.ConfigError, match="^dist.backend: 'mpi' is not one of auto, nccl, gloo$"):
+        C.validate(cfg, check_data=False)
+
+
+def test_each_section_validates_itself():
+    """A section checks its own values under whatever prefix it is given."""
+    with pytest.raises(C.ConfigError, match=r"^data.val_resize: 200 is smaller than data.val_crop 224$"):
+        C.DataConfig(val_resize=200).validate("data.")
+    with pytest.raises(C.ConfigError, match=r"^ckpt.keep: must be >= 1, got 0$"):
+        C.CheckpointConfig(keep=0).validate("ckpt.")
+    with pytest.raises(C.ConfigError, match=r"^optim.lr: must be > 0, got 0$"):
+        load("optim.lr=0", data=False)
+    C.Config().train.validate("train.")  # the defaults pass

@@ -1,8 +1,13 @@
 """Typed run configuration: YAML recipe + dotted CLI overrides, validated before any process group.
 
-Every user mistake (unknown key, wrong type, impossible value, missing data) becomes a
-``ConfigError`` with one line naming the key, raised on every rank before distributed init, so a
-bad command never leaves a half-started job behind.
+A key is declared in one place: its field, with its type (a ``Literal`` lists the allowed
+values) and its section's ``validate`` holding its range checks. Every user mistake becomes a
+``ConfigError`` with one line naming the key. What the config alone can tell (unknown key,
+wrong type, impossible value, missing data root) is raised by ``load`` on every rank before
+distributed init, so a bad command never leaves a half-started job behind; what needs the
+device or the files (fp16 without CUDA, unreadable weights, missing class folders, a dataset
+smaller than one global batch) is found after start-up and raised as the same one-line error
+(``train/main.py`` prints it and exits 2).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,11 +27,28 @@ class ConfigError(ValueError):
     """A user error in the config: the message is one line that names the key."""
 
 
+class Section:
+    """A config section: its fields, and `validate` for the checks that need only its own values."""
+
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError for an impossible value; `prefix` is the section's key, e.g. 'data.'."""
+
+    def _positive(self, prefix: str, *names: str) -> None:
+        for name in names:
+            if (value := getattr(self, name)) <= 0:
+                raise ConfigError(f"{prefix}{name}: must be > 0, got {value}")
+
+    def _non_negative(self, prefix: str, *names: str) -> None:
+        for name in names:
+            if (value := getattr(self, name)) < 0:
+                raise ConfigError(f"{prefix}{name}: must be >= 0, got {value}")
+
+
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     root: str = ""  # ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG
-    loader: str = "torch"  # torch | dali | synthetic
-    dali_device: str = "auto"  # auto (gpu if CUDA) | gpu | cpu
+    loader: Literal["torch", "dali", "synthetic"] = "torch"
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: gpu if CUDA
     batch_size: int = 256  # per rank
     val_batch_size: int = 0  # per rank; 0 = batch_size
     workers: int = 8  # decode processes (torch) or threads (DALI) per rank
@@ -47,13 +69,29 @@ class DataConfig:
     pin_memory: bool = True
     synthetic_samples: int = 1281167  # epoch length of data.loader=synthetic (ImageNet's)
 
+    def validate(self, prefix: str) -> None:
+        self._positive(prefix, "batch_size", "train_crop", "val_crop")
+        self._non_negative(prefix, "workers", "val_batch_size")
+        if self.progressive_min_crop and not (
+                0 < self.progressive_min_crop <= self.train_crop
+                and 0 <= self.progressive_start_epoch <= self.progressive_end_epoch):
+            raise ConfigError(f"{prefix}progressive_min_crop: needs 0 < progressive_min_crop <= train_crop "
+                              "and progressive_start_epoch <= progressive_end_epoch")
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(f"{prefix}min_scale: must be in (0, 1], got {self.min_scale}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ConfigError(f"{prefix}mean/{prefix}std: need the same length and positive std")
+        if self.val_resize < self.val_crop:
+            raise ConfigError(f"{prefix}val_resize: {self.val_resize} is smaller than "
+                              f"{prefix}val_crop {self.val_crop}")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "resnet50"
     zero_init_residual: bool = True
-    stem: str = "auto"  # auto | imagenet (7x7/2 + max-pool) | cifar (3x3/1)
-    shortcut: str = "auto"  # auto | A | B | C
+    stem: Literal["auto", "imagenet", "cifar"] = "auto"  # imagenet: 7x7/2 + max-pool; cifar: 3x3/1
+    shortcut: Literal["auto", "A", "B", "C"] = "auto"
     stride_in_1x1: bool = False  # True = the paper's ResNet v1, False = v1.5 (torchvision)
     weights: str = ""  # local .pth (torchvision state_dict or project export)
     freeze_stages: int = 0
@@ -62,10 +100,13 @@ class ModelConfig:
     sync_bn: bool = True  # only when world_size > 1
     compile: bool = False
 
+    def validate(self, prefix: str) -> None:
+        self._non_negative(prefix, "freeze_stages")
+
 
 @dataclass
-class OptimConfig:
-    name: str = "sgd"  # sgd | lars
+class OptimConfig(Section):
+    name: Literal["sgd", "lars"] = "sgd"
     lr: float = 0.1  # per `lr_reference_batch` images; scaled linearly with the global batch
     lr_reference_batch: int = 256
     momentum: float = 0.9
@@ -74,12 +115,20 @@ class OptimConfig:
     bn_weight_decay: bool = False  # False: no decay on BN and bias parameters
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    implementation: str = "foreach"  # foreach | fused | for-loop
+    implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
+
+    def validate(self, prefix: str) -> None:
+        self._positive(prefix, "lr_reference_batch")
+        self._non_negative(prefix, "lr", "weight_decay", "momentum", "grad_clip")
+        if self.lr == 0:
+            raise ConfigError(f"{prefix}lr: must be > 0, got 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
-class ScheduleConfig:
-    name: str = "cosine"  # cosine | step | multistep | poly | constant
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "multistep", "poly", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.1
     step_size: int = 30  # epochs, for step
@@ -88,45 +137,61 @@ class ScheduleConfig:
     min_lr_factor: float = 0.0  # cosine and poly end at lr * min_lr_factor
     power: float = 2.0  # poly: (1 - progress) ** power, as MLPerf's LARS recipes
 
+    def validate(self, prefix: str) -> None:
+        self._non_negative(prefix, "warmup_epochs")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 90
-    amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, off on CPU
     seed: int = 0
     deterministic: bool = False
     eval_every: int = 1  # epochs
     max_steps: int = 0  # stop after this many global steps (tests, benchmarks); 0 = off
     resume: str = "auto"  # auto (latest in run dir) | off | path to a checkpoint dir
 
+    def validate(self, prefix: str) -> None:
+        self._positive(prefix, "epochs", "eval_every")
+        self._non_negative(prefix, "max_steps")
+
 
 @dataclass
-class LogConfig:
+class LogConfig(Section):
     dir: str = "runs"
     name: str = ""  # run directory is <dir>/<name>; "" = the config file's stem
     every: int = 50  # steps between reduced metrics (the only host sync)
     tensorboard: bool = True
-    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"  # auto: a bar on a terminal, else lines
     grad_norm_every: int = 50  # steps between per-stage gradient and weight norms; 0 = off
     histograms: bool = False  # weight and gradient histograms every epoch
     images: bool = True  # a grid of augmented training inputs at the start
     feature_maps: bool = True  # stage activations of a fixed validation image at every evaluation
     graph: bool = True  # the model graph (traced once on a CPU copy)
 
+    def validate(self, prefix: str) -> None:
+        self._positive(prefix, "every")
+        self._non_negative(prefix, "grad_norm_every")
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every_epochs: int = 1
     every_steps: int = 0
     keep: int = 3
     keep_best: bool = True
     async_save: bool = True
 
+    def validate(self, prefix: str) -> None:
+        self._non_negative(prefix, "every_epochs", "every_steps")
+        if self.keep < 1:
+            raise ConfigError(f"{prefix}keep: must be >= 1, got {self.keep}")
+
 
 @dataclass
-class DistConfig:
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    device: str = "auto"  # auto | cuda | cpu
+class DistConfig(Section):
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     timeout_s: int = 1800
     bucket_cap_mb: int = 25
     gradient_as_bucket_view: bool = True
@@ -149,27 +214,19 @@ class Config:
         return Path(self.log.dir) / self.log.name
 
 
-CHOICES = {
-    "data.loader": ("torch", "dali", "synthetic"),
-    "data.dali_device": ("auto", "gpu", "cpu"),
-    "model.stem": ("auto", "imagenet", "cifar"),
-    "model.shortcut": ("auto", "A", "B", "C"),
-    "optim.name": ("sgd", "lars"),
-    "optim.implementation": ("foreach", "fused", "for-loop"),
-    "schedule.name": ("cosine", "step", "multistep", "poly", "constant"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
-    "log.progress": ("auto", "bar", "lines", "off"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "dist.device": ("auto", "cuda", "cpu"),
-}
-
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; allow int→float and list→tuple, nothing else."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as False
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -231,58 +288,27 @@ def parse_override(arg: str, cfg: Config) -> dict:
     value = yaml.safe_load(raw) if raw != "" else ""
     section, name = key.split(".", 1)
     field_tp = typing.get_type_hints(type(getattr(cfg, section)))[name]
-    if field_tp is str and not isinstance(value, str):
-        value = raw  # `log.name=001` stays a string
+    if _is_text(field_tp) and not isinstance(value, str):
+        value = raw  # `log.name=001` and `train.amp=off` stay strings
     return {section: {name: value}}
 
 
+def _is_text(tp: Any) -> bool:
+    """A str field, or a Literal of strings only."""
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
 def validate(cfg: Config, check_data: bool = True) -> None:
-    """Impossible values and missing inputs, each reported as one line naming the key."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    positive = {
-        "data.batch_size": cfg.data.batch_size, "data.train_crop": cfg.data.train_crop,
-        "data.val_crop": cfg.data.val_crop, "train.epochs": cfg.train.epochs,
-        "train.eval_every": cfg.train.eval_every, "log.every": cfg.log.every,
-        "optim.lr_reference_batch": cfg.optim.lr_reference_batch,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    non_negative = {
-        "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.momentum": cfg.optim.momentum, "optim.grad_clip": cfg.optim.grad_clip,
-        "data.workers": cfg.data.workers, "data.val_batch_size": cfg.data.val_batch_size,
-        "schedule.warmup_epochs": cfg.schedule.warmup_epochs, "train.max_steps": cfg.train.max_steps,
-        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "model.freeze_stages": cfg.model.freeze_stages,
-        "log.grad_norm_every": cfg.log.grad_norm_every,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-    if cfg.optim.lr == 0:
-        raise ConfigError("optim.lr: must be > 0, got 0")
-    if not 0 <= cfg.optim.label_smoothing < 1:
-        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
-    prog = cfg.data
-    if prog.progressive_min_crop and not (0 < prog.progressive_min_crop <= prog.train_crop
-                                          and 0 <= prog.progressive_start_epoch <= prog.progressive_end_epoch):
-        raise ConfigError("data.progressive_min_crop: needs 0 < progressive_min_crop <= train_crop and "
-                          "progressive_start_epoch <= progressive_end_epoch")
-    if not 0 < cfg.data.min_scale <= 1:
-        raise ConfigError(f"data.min_scale: must be in (0, 1], got {cfg.data.min_scale}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
-    if len(cfg.data.mean) != len(cfg.data.std) or any(s <= 0 for s in cfg.data.std):
-        raise ConfigError("data.mean/data.std: need the same length and positive std")
-    if cfg.data.val_resize < cfg.data.val_crop:
-        raise ConfigError(f"data.val_resize: {cfg.data.val_resize} is smaller than "
-                          f"data.val_crop {cfg.data.val_crop}")
+    """Each section's own checks, then those that span sections or look at the disk."""
+    for section in dataclasses.fields(cfg):
+        obj, prefix = getattr(cfg, section.name), f"{section.name}."
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):  # choices again: a Config built in code skips _merge
+            if typing.get_origin(hints[f.name]) is Literal:
+                _coerce(f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name])
+        obj.validate(prefix)
     if check_data and cfg.data.loader != "synthetic":
         if not cfg.data.root:
             raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
