@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.config import ConfigError
+from train.config import ConfigError, DistConfig
 
 log = logging.getLogger("resnet")
 
@@ -64,9 +64,14 @@ def restart_safe_store(rank: int, world: int, timeout: datetime.timedelta) -> di
     return dist.PrefixStore(f"resnet/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...)."""
+def init(cfg: DistConfig) -> DistInfo:
+    """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
+
+    Takes the `dist` section whole, so a new setting (a second backend, a mesh shape) reaches
+    here without touching every caller.
+    """
     env_from_slurm()
+    device, backend = cfg.device, cfg.backend
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -83,7 +88,7 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if world > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout, device_id=dev if use_cuda else None,
                                 store=restart_safe_store(rank, world, timeout), rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, dev)
@@ -95,13 +100,13 @@ def destroy() -> None:
 
 
 @contextlib.contextmanager
-def process_group(device: str = "auto", backend: str = "auto", timeout_s: int = 1800):
+def process_group(cfg: DistConfig):
     """Init on entry; destroy on any exit, without a barrier.
 
     A failing rank exits at once with its traceback; torchrun (or srun's --kill-on-bad-exit)
     then stops its peers instead of leaving them blocked in a collective until the timeout.
     """
-    info = init(device, backend, timeout_s)
+    info = init(cfg)
     try:
         yield info
     finally:
@@ -127,15 +132,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

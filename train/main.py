@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     from train.trainer import fit
 
     try:
-        with distributed.process_group(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s) as info:
+        with distributed.process_group(cfg.dist) as info:
             return fit(cfg, info)
     except (config_lib.ConfigError, FileNotFoundError) as e:  # user errors found after start-up
         print(f"error: {e}", file=sys.stderr)
