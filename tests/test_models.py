@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import train.models
 from train.config import ConfigError, ModelConfig
 from train.models import ARCHS, ShortcutA, build, resnet
 
@@ -89,20 +90,24 @@ def test_resnet50_flops():
     assert gmacs == pytest.approx(4.1, rel=0.02)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet18", "resnet20", "preact_resnet18", "preact_resnet164"])
-def test_zero_init_residual_blocks_start_as_identity(name):
-    model = resnet(name, 10, zero_init_residual=True).train()
-    x = torch.randn(2, 3, 32, 32)
+def branch_outputs(model: nn.Module) -> list[torch.Tensor]:
+    """What each residual branch adds in one real forward: the output of its last BN (post-
+    activation blocks) or of its last conv (pre-activation blocks), caught by hooks."""
     outs = []
-    hooks = [b.register_forward_pre_hook(lambda m, inp: outs.append(m.branch(inp[0]))) for b in model.blocks()]
+    ends = [b.last_bn() if hasattr(b, "last_bn") else b.last_conv() for b in model.blocks()]
+    hooks = [m.register_forward_hook(lambda m, inp, out: outs.append(out)) for m in ends]
     with torch.no_grad():
-        model(x)
+        model(torch.randn(2, 3, 32, 32))
     for h in hooks:
         h.remove()
     assert len(outs) == len(model.blocks())
-    assert all(torch.count_nonzero(o) == 0 for o in outs)
-    assert not all(torch.count_nonzero(b.branch(torch.randn(1, b.conv1.in_channels, 8, 8))) == 0
-                   for b in resnet(name, 10, zero_init_residual=False).blocks()[:1])
+    return outs
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet18", "resnet20", "preact_resnet18", "preact_resnet164"])
+def test_zero_init_residual_blocks_start_as_identity(name):
+    assert all(torch.count_nonzero(o) == 0 for o in branch_outputs(resnet(name, 10, zero_init_residual=True).train()))
+    assert all(torch.count_nonzero(o) > 0 for o in branch_outputs(resnet(name, 10, zero_init_residual=False).train()))
 
 
 def depth_gradient_ratio(name: str) -> float:
@@ -147,6 +152,36 @@ def test_stride_in_1x1_moves_the_stride():
     assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
     v15 = resnet("resnet50")
     assert v15.layer2[0].conv1.stride == (1, 1) and v15.layer2[0].conv2.stride == (2, 2)
+
+
+def test_preact_bottleneck_stride_in_1x1():
+    v1 = build(ModelConfig(name="preact_resnet50", stride_in_1x1=True), 10)
+    assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
+    v2 = build(ModelConfig(name="preact_resnet50"), 10)
+    assert v2.layer2[0].conv1.stride == (1, 1) and v2.layer2[0].conv2.stride == (2, 2)
+    with torch.no_grad():
+        assert v1.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", TORCHVISION + ["resnext101_32x8d", "wide_resnet101_2"])
+def test_named_factories_like_torchvision(name):
+    """`train.models.resnet50(num_classes=10)`: torchvision's state_dict, and the by-name build."""
+    make = getattr(train.models, name)
+    assert make.__name__ == name and name in train.models.__all__
+    torch.manual_seed(0)
+    ours = make(num_classes=10)
+    tv = getattr(torchvision.models, name)(num_classes=10)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in tv.state_dict().items()}
+    torch.manual_seed(0)
+    by_name = resnet(name, 10)
+    assert all(torch.equal(v, by_name.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_every_registered_name_has_a_factory():
+    for name in ARCHS:
+        assert getattr(train.models, name).__name__ == name
+    m = train.models.resnet20(num_classes=10, shortcut="B")
+    assert not any(isinstance(x, ShortcutA) for x in m.modules())
 
 
 def test_weights_file_torchvision_and_checkpoint_formats(tmp_path):

@@ -1,5 +1,8 @@
 """Models by name: `build(cfg.model, num_classes)` → a ResNet, with weights and frozen stages.
 
+As in torchvision, every architecture is also a function of its own name, generated from the
+name table `ARCHS`: `train.models.resnet50(num_classes=10)` is `resnet("resnet50", 10)`.
+
 `model.weights` is a local file: a torchvision state_dict, our export (`python -m train.export`)
 or a dict holding one under "model". A classifier of another shape is left freshly initialised
 (transfer learning); any other mismatch is an error naming the file.
@@ -8,6 +11,7 @@ or a dict holding one under "model". A classifier of another shape is left fresh
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,9 +19,24 @@ from torch import nn
 from train.config import ConfigError
 from train.models.resnet import ARCHS, BasicBlock, Bottleneck, PreActBlock, PreActBottleneck, ResNet, ShortcutA, resnet
 
-__all__ = ["ARCHS", "BasicBlock", "Bottleneck", "PreActBlock", "PreActBottleneck", "ResNet", "ShortcutA",
-           "build", "load_weights", "resnet"]
 log = logging.getLogger("resnet")
+
+
+def _factory(name: str) -> Callable[..., ResNet]:
+    def make(*, num_classes: int = 1000, **overrides) -> ResNet:
+        return resnet(name, num_classes, **overrides)
+
+    block, layers, kwargs = ARCHS[name]
+    make.__name__ = make.__qualname__ = name
+    make.__module__ = __name__
+    make.__doc__ = (f"{name}: {block.__name__} x {layers}{f', {kwargs}' if kwargs else ''}; `overrides` "
+                    "(stem, shortcut, zero_init_residual, stride_in_1x1, ...) replace the defaults.")
+    return make
+
+
+globals().update({name: _factory(name) for name in ARCHS})
+__all__ = ["ARCHS", "BasicBlock", "Bottleneck", "PreActBlock", "PreActBottleneck", "ResNet", "ShortcutA",
+           "build", "load_weights", "resnet", *ARCHS]
 
 
 def load_weights(model: nn.Module, path: str) -> list[str]:

@@ -72,14 +72,11 @@ class BasicBlock(nn.Module):
         self.downsample = make_shortcut(shortcut, cin, planes, stride) if residual else None
         self.residual = residual
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branch(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -106,16 +103,13 @@ class Bottleneck(nn.Module):
         self.downsample = make_shortcut(shortcut, cin, planes * self.expansion, stride) if residual else None
         self.residual = residual
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.bn3(self.conv3(out))
-
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branch(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -141,9 +135,6 @@ class PreActBlock(nn.Module):
         self.downsample = make_shortcut(shortcut, cin, planes, stride, preact=True) if residual else None
         self.residual = residual
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.relu(self.bn2(self.conv1(self.relu(self.bn1(x))))))
-
     def last_conv(self) -> nn.Conv2d:
         return self.conv2
 
@@ -157,7 +148,8 @@ class PreActBlock(nn.Module):
 
 
 class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck; zero_init_residual zeroes `conv3` (see PreActBlock)."""
+    """Pre-activation bottleneck; zero_init_residual zeroes `conv3` (see PreActBlock). The stride
+    sits on the 3x3, or on the first 1x1 with `stride_in_1x1`, as in Bottleneck."""
 
     expansion = 4
 
@@ -165,21 +157,17 @@ class PreActBottleneck(nn.Module):
                  groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = conv1x1(cin, width)
+        self.conv1 = conv1x1(cin, width, s1)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        self.conv2 = conv3x3(width, width, s3, groups)
         self.bn3 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.relu = nn.ReLU(inplace=False)
         cout = planes * self.expansion
         self.downsample = make_shortcut(shortcut, cin, cout, stride, preact=True) if residual else None
         self.residual = residual
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(self.relu(self.bn1(x)))
-        out = self.conv2(self.relu(self.bn2(out)))
-        return self.conv3(self.relu(self.bn3(out)))
 
     def last_conv(self) -> nn.Conv2d:
         return self.conv3
