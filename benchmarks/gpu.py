@@ -58,7 +58,7 @@ def sync(device):
 
 def step_rate(cfg: Config, info: DistInfo, steps: int, warmup: int) -> tuple[float, float]:
     """(img/s of the train step over `steps` after `warmup`, peak memory GiB)."""
-    train, _, classes = build_loaders(cfg.data, 0, 1, info.device, 0, cfg.model.channels_last)
+    train, _, classes = build_loaders(cfg.data, info, seed=0, channels_last=cfg.model.channels_last)
     model, _ = build_model(cfg, len(classes), info)
     opt = build_optimizer(cfg.optim, model, cfg.data.batch_size)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
@@ -86,7 +86,7 @@ def step_rate(cfg: Config, info: DistInfo, steps: int, warmup: int) -> tuple[flo
 
 
 def pipeline_rate(cfg: Config, info: DistInfo, steps: int, warmup: int) -> float:
-    train, _, _ = build_loaders(cfg.data, 0, 1, info.device, 0, cfg.model.channels_last)
+    train, _, _ = build_loaders(cfg.data, info, seed=0, channels_last=cfg.model.channels_last)
     train.set_epoch(0)
     batches = iter(train)
     for i in range(warmup + steps):

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.gpu import imagenet_like  # noqa: E402
 from data import build_loaders  # noqa: E402
 from train.config import DataConfig  # noqa: E402
+from train.distributed import DistInfo  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -55,7 +56,7 @@ def shut_down(train) -> None:
 
 def rate(cfg: DataConfig, device: torch.device, epoch: int, warmup: int, batches: int) -> float:
     """img/s of `batches` training batches after `warmup`, on freshly built loaders."""
-    train, _, _ = build_loaders(cfg, 0, 1, device, seed=epoch, channels_last=True)
+    train, _, _ = build_loaders(cfg, DistInfo(0, 1, 0, device), seed=epoch, channels_last=True)
     train.set_epoch(epoch)
     it = iter(train)
     for _ in range(warmup):
@@ -107,7 +108,8 @@ def main() -> None:
     cfgs = {"dali": replace(base, loader="dali", dali_device="gpu" if device.type == "cuda" else "cpu"),
             "torch": replace(base, loader="torch")}
     t0 = time.perf_counter()
-    build_loaders(cfgs["dali"], 0, 1, device, 0, True)[0].close()  # the preflight pass, cached, untimed
+    one = DistInfo(0, 1, 0, device)
+    build_loaders(cfgs["dali"], one, seed=0, channels_last=True)[0].close()  # the preflight pass, cached, untimed
     print(f"preflight: {time.perf_counter() - t0:.0f}s", flush=True)
 
     load0 = os.getloadavg()[0]

@@ -1,23 +1,24 @@
 """Data loaders behind one seam: every loader yields `(images, labels)` already on the device.
 
-A train loader has `steps_per_epoch`, `num_samples`, `skipped` (undecodable files replaced so
-far) and `set_epoch(epoch, start_sample)`, where `start_sample` counts *global* samples already
-consumed in that epoch (mid-epoch resume on any world size). A val loader yields this rank's
-disjoint share and has `num_samples`, the size of the whole split, which the evaluation checks
-its all-reduced count against.
+The contract is spelled out in `data/contract.py` (TrainLoader, ValLoader, RankInfo, DataError);
+what the folder-reading loaders share (scanning a split, sharding, the bad-file replacement
+rule, normalisation constants) is in `data/folder.py`, so a new storage format or loader plugs
+into both.
 """
 
 from __future__ import annotations
 
-import torch
+from data.contract import DataError, Loader, RankInfo, TrainLoader, ValLoader
+
+__all__ = ["DataError", "Loader", "RankInfo", "TrainLoader", "ValLoader", "build_loaders"]
 
 
-def build_loaders(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
-    """(train, val, class names) for `cfg.loader` in torch | dali | synthetic."""
+def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[TrainLoader, ValLoader, list[str]]:
+    """(train, val, class names) for `cfg.loader` in torch | dali | synthetic, sharded for `info.rank`."""
     if cfg.loader == "synthetic":
         from data import synthetic as impl
     elif cfg.loader == "dali":
         from data import dali as impl
     else:
         from data import torch_loader as impl
-    return impl.build(cfg, rank, world_size, device, seed, channels_last)
+    return impl.build(cfg, info, seed=seed, channels_last=channels_last)

@@ -11,28 +11,24 @@ never has to stop at an epoch boundary; only an unexpected `set_epoch` (a resume
 that was abandoned half way) rebuilds the pipeline.
 
 Unusable files (zero-byte, truncated, non-image) would raise inside DALI mid-epoch, so a cached
-`data.preflight` pass finds them at build time and each is replaced by the next usable file, the
-way the torch loader replaces them on the fly: the order, epoch length and `skipped` count match
-it. Each sample's augmentation comes from DALI's RNG and does not match the torch loader's.
+`data.preflight` pass finds them at build time and each is replaced by the next usable file
+(`folder.replacements`), the rule the torch loader applies on the fly: the order, epoch length
+and `skipped` count match it. File bytes are read through `folder.Split`, like the torch
+loader's. Each sample's augmentation comes from DALI's RNG and does not match the torch loader's.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import preflight
-from data.sampler import GlobalBatchSampler, steps_per_epoch, train_crop_at, val_range
-from data.torch_loader import scan
-from train.config import ConfigError
-
-log = logging.getLogger("resnet")
+from data import folder
+from data.contract import DataError, RankInfo
+from data.sampler import GlobalBatchSampler, steps_per_epoch, train_crop_at
 
 # nvJPEG buffers sized for the largest ImageNet image, so the training decoder allocates once instead
 # of growing mid-run (NVIDIA's DALI ResNet-50 examples do the same).
@@ -41,40 +37,27 @@ PREALLOCATE = dict(device_memory_padding=211025920, host_memory_padding=14054451
 READ_AHEAD = 4  # batches of file bytes read ahead of what the pipeline asked for
 
 
-def replacements(samples: list[tuple[str, int]], unusable: set[str]) -> np.ndarray:
-    """Index read in place of each sample: itself, or the next usable one (cyclically)."""
-    good = np.array([path not in unusable for path, _ in samples])
-    if not good.any():
-        raise ConfigError(f"data.root: none of the {len(samples)} images can be decoded")
-    n = len(samples)
-    subst, nxt = np.empty(n, dtype=np.int64), None
-    for i in (*range(n - 1, -1, -1), *range(n - 1, -1, -1)):  # twice: wrap around the end
-        if good[i]:
-            nxt = i
-        subst[i] = nxt if nxt is not None else -1
-    return subst
-
-
 class Feed:
-    """External source: (file bytes, labels, sample indices) of each planned batch, read ahead
-    by a thread pool. `plan` yields (sample indices, output size) per batch and may be infinite;
-    the size is a per-sample input of the resize, so progressive resizing needs no rebuild."""
+    """External source: (encoded bytes, labels, sample indices) of each planned batch, read ahead
+    by a thread pool from the split. `plan` yields (sample indices, output size) per batch and may
+    be infinite; the size is a per-sample input of the resize, so progressive resizing needs no
+    rebuild. `subst[i]` is the sample read in place of sample i (folder.replacements)."""
 
-    def __init__(self, samples, subst: np.ndarray, plan, workers: int, sized: bool = True):
-        self.samples, self.subst, self.plan, self.sized = samples, subst, iter(plan), sized
+    def __init__(self, split: folder.Split, subst: np.ndarray, plan, workers: int, sized: bool = True):
+        self.split, self.subst, self.plan, self.sized = split, subst, iter(plan), sized
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="dali-read")
         self.ahead: deque = deque()
 
     def _submit(self) -> None:
         indices, size = next(self.plan)
-        paths = [self.samples[self.subst[i]][0] for i in indices]
-        self.ahead.append((indices, size, [self.pool.submit(np.fromfile, p, dtype=np.uint8) for p in paths]))
+        reads = [self.pool.submit(self.split.read_bytes, int(self.subst[i])) for i in indices]
+        self.ahead.append((indices, size, reads))
 
     def __call__(self):
         while len(self.ahead) < READ_AHEAD:
             self._submit()
         indices, size, reads = self.ahead.popleft()
-        labels = [np.array(self.samples[self.subst[i]][1], dtype=np.int64) for i in indices]
+        labels = [np.array(self.split.label(self.subst[i]), dtype=np.int64) for i in indices]
         sizes = [np.array([size, size], dtype=np.float32)] * len(indices)
         out = [r.result() for r in reads], labels, [np.array(i, dtype=np.int64) for i in indices], sizes
         return out if self.sized else out[:3]  # validation sizes come from the config
@@ -109,6 +92,8 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
     """decode (+ random crop) → resize → crop/flip/normalise; outputs images, labels, indices."""
     from nvidia.dali import fn, pipeline_def, types
 
+    mean, std = folder.normalisation(cfg)
+
     @pipeline_def(**kw)
     def pipe():
         n = 4 if feed.sized else 3  # + the per-sample output size of the training resize
@@ -130,8 +115,7 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
             images = fn.resize(images, size=out_size, interp_type=types.INTERP_LINEAR, antialias=True)
             mirror, crop = 0, dict(crop=(cfg.val_crop, cfg.val_crop), crop_pos_y=pos_y, crop_pos_x=pos_x)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if hwc else "CHW",
-                                          mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
-                                          mirror=mirror, **crop)
+                                          mean=mean, std=std, mirror=mirror, **crop)
         return images, labels.gpu() if gpu else labels, index
 
     return pipe()
@@ -140,11 +124,11 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
 class DaliLoader:
     """Runs one DALI pipeline over an endless plan of batches and cuts it into epochs."""
 
-    def __init__(self, samples, subst, train: bool, cfg, batch: int, device: torch.device, gpu: bool,
-                 channels_last: bool, seed: int):
-        self.samples, self.subst, self.train, self.cfg, self.batch = samples, subst, train, cfg, batch
+    def __init__(self, split: folder.Split, subst: np.ndarray, train: bool, cfg, batch: int, device: torch.device,
+                 gpu: bool, channels_last: bool, seed: int):
+        self.split, self.subst, self.train, self.cfg, self.batch = split, subst, train, cfg, batch
         self.device, self.gpu, self.hwc, self.seed = device, gpu, channels_last, seed
-        self.bad = subst != np.arange(len(samples))
+        self.bad = subst != np.arange(len(split))
         self.skipped = 0
         self._iter = self._feed = None
         self._at = None  # where the running pipeline's plan continues, None: rebuild
@@ -157,7 +141,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.close()
-        self._feed = Feed(self.samples, self.subst, self.plan(position), self.cfg.workers, sized=self.train)
+        self._feed = Feed(self.split, self.subst, self.plan(position), self.cfg.workers, sized=self.train)
         pipe = make_pipeline(
             self._feed, self.train, self.cfg, self.gpu, self.hwc, batch_size=self.batch,
             num_threads=max(1, self.cfg.workers), device_id=(self.device.index or 0) if self.gpu else None,
@@ -244,41 +228,31 @@ class DaliValLoader(DaliLoader):
             yield images, labels
 
 
-def usable(samples: list[tuple[str, int]], workers: int, split: Path) -> np.ndarray:
-    """Replacement indices after a (cached) preflight of the files of a split."""
-    report = preflight.cached_check([p for p, _ in samples], workers)
-    if report.unusable:
-        log.warning("%s: %d unusable images (zero-byte %d, truncated %d, non-image %d) are replaced by the "
-                    "next readable one; list them with `python -m data.preflight %s`", split,
-                    len(report.unusable), len(report.zero_byte), len(report.truncated), len(report.non_image), split)
-    return replacements(samples, report.unusable)
+def planned_replacements(split: folder.Split, workers: int) -> np.ndarray:
+    """The index read in place of each sample, from a (cached) preflight of the split."""
+    return folder.replacements(len(split), split.find_unusable(workers))
 
 
 def use_gpu(dali_device: str, device: torch.device) -> bool:
     cuda = torch.cuda.is_available() and device.type == "cuda"
     if dali_device == "gpu" and not cuda:
-        raise ConfigError("data.dali_device: gpu needs a CUDA device; use cpu or auto")
+        raise DataError("data.dali_device: gpu needs a CUDA device; use cpu or auto")
     return cuda and dali_device != "cpu"
 
 
-def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
+def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        raise ConfigError("data.loader: dali needs `pip install nvidia-dali-cuda120`") from None
-    root = Path(cfg.root)
-    train_samples, classes = scan(root / "train", cfg.classes)
-    val_samples, val_classes = scan(root / "val", cfg.classes)
-    if val_classes != classes:
-        raise ConfigError(f"data.root: class folders of {root / 'val'} differ from {root / 'train'}")
+        raise DataError("data.loader: dali needs `pip install nvidia-dali-cuda120`") from None
+    train_split, val_split = folder.open_splits(cfg)
     workers = cfg.workers or os.cpu_count() or 1
-    kw = dict(cfg=cfg, device=device, gpu=use_gpu(cfg.dali_device, device), channels_last=channels_last,
-              seed=seed * 1000 + rank)
-    sampler = GlobalBatchSampler(len(train_samples), cfg.batch_size, rank, world_size, seed)
-    train = DaliTrainLoader(sampler, samples=train_samples, subst=usable(train_samples, workers, root / "train"),
+    kw = dict(cfg=cfg, device=info.device, gpu=use_gpu(cfg.dali_device, info.device), channels_last=channels_last,
+              seed=seed * 1000 + info.rank)
+    sampler, share = folder.shard(cfg, train_split, val_split, info, seed)
+    train = DaliTrainLoader(sampler, split=train_split, subst=planned_replacements(train_split, workers),
                             train=True, **kw)
-    val = DaliValLoader(len(val_samples), val_range(len(val_samples), rank, world_size), samples=val_samples,
-                        subst=usable(val_samples, workers, root / "val"), train=False,
-                        batch=cfg.val_batch_size or cfg.batch_size, **kw)
-    return train, val, classes
+    val = DaliValLoader(len(val_split), share, split=val_split, subst=planned_replacements(val_split, workers),
+                        train=False, batch=folder.val_batch_size(cfg), **kw)
+    return train, val, train_split.classes

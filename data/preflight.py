@@ -2,9 +2,10 @@
 
 ImageNet's train split is known to hold a CMYK JPEG or so, a PNG named .JPEG and some grayscale
 JPEGs; all decode fine when the decoder is asked for RGB (grayscale as 3 equal channels), so they
-are only reported. Zero-byte, truncated and
-non-image files are unusable: the torch loader replaces them on the fly, but a DALI pipeline
-would raise mid-epoch, so the DALI loader drops them up front from a cached `scan`.
+are only reported. Zero-byte, truncated and non-image files are unusable: the torch loader
+replaces each by the next readable file on the fly, but a DALI pipeline would raise mid-epoch,
+so the DALI loader plans the same replacement up front from a cached check (`cached_check`,
+used by `data.folder.FolderSplit.find_unusable`).
 
     python -m data.preflight /data/imagenet        # exit 1 if any file is unusable
 """

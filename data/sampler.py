@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from train.config import ConfigError
+from data.contract import DataError
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -41,8 +41,8 @@ class GlobalBatchSampler:
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start = 0, 0
         if steps_per_epoch(num_samples, batch_size, world_size) == 0:
-            raise ConfigError(f"dataset of {num_samples} samples is smaller than one global batch "
-                             f"({batch_size} x {world_size} ranks)")
+            raise DataError(f"dataset of {num_samples} samples is smaller than one global batch "
+                            f"({batch_size} x {world_size} ranks)")
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         """Start `epoch` after `start_sample` global samples were already consumed."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from data import folder
+from data.contract import RankInfo
 from data.sampler import steps_per_epoch
 
 
@@ -31,30 +33,29 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.start = start_sample // self.global_batch
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+    def __len__(self) -> int:  # steps left in the epoch from `start_sample`, as the real loaders
+        return self.steps_per_epoch - self.start
 
     def __iter__(self):
         for _ in range(self.start, self.steps_per_epoch):
             yield self.images, self.labels
 
 
-def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
+def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     """With a `data.root`, the real dataset's size and classes (the same model, epoch length and
     schedule as the real run: only the pixels differ); without one, ImageNet's."""
     if cfg.root and (Path(cfg.root) / "train").is_dir():
-        from data.torch_loader import scan
-
-        samples, classes = scan(Path(cfg.root) / "train", cfg.classes)
-        num_train = len(samples)
+        split = folder.scan(Path(cfg.root) / "train", cfg.classes)
+        classes, num_train = split.classes, len(split)
     else:
         classes = [f"class{i}" for i in range(cfg.num_classes or 1000)]
         num_train = cfg.synthetic_samples
     num_classes = cfg.num_classes or len(classes)
-    train = SyntheticLoader(num_train, cfg.batch_size, world_size, cfg.train_crop,
-                            num_classes, device, channels_last, seed + rank)
-    vb = cfg.val_batch_size or cfg.batch_size
-    val = SyntheticLoader(vb * world_size, vb, world_size, cfg.val_crop, num_classes, device, channels_last,
-                          seed + rank, steps=1)
-    val.num_samples = vb * world_size  # one batch per rank: evaluation is timed, not meaningful
+    world, device = info.world_size, info.device
+    train = SyntheticLoader(num_train, cfg.batch_size, world, cfg.train_crop,
+                            num_classes, device, channels_last, seed + info.rank)
+    vb = folder.val_batch_size(cfg)
+    val = SyntheticLoader(vb * world, vb, world, cfg.val_crop, num_classes, device, channels_last,
+                          seed + info.rank, steps=1)
+    val.num_samples = vb * world  # one batch per rank: evaluation is timed, not meaningful
     return train, val, classes

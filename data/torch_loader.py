@@ -9,38 +9,22 @@ number of workers, the world size or where the run was resumed.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
-from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from data.sampler import GlobalBatchSampler, sample_seed, steps_per_epoch, train_crop_at, val_range
-from train.config import ConfigError
-
-log = logging.getLogger("resnet")
-
-
-def scan(root: Path, only: list[str] | tuple[str, ...] = ()) -> tuple[list[tuple[str, int]], list[str]]:
-    """(path, label) pairs of an ImageNet-style split, classes sorted by folder name; `only`
-    keeps a subset of class folders (labels renumbered 0..k-1), e.g. for transfer learning."""
-    classes, _ = find_classes(str(root))
-    if only:
-        missing = sorted(set(only) - set(classes))
-        if missing:
-            raise ConfigError(f"data.classes: {missing[:3]} not found in {root}")
-        classes = sorted(only)
-    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
-    return samples, classes
+from data import folder
+from data.contract import RankInfo
+from data.sampler import GlobalBatchSampler, sample_seed, steps_per_epoch, train_crop_at
 
 
-def decode(path: str) -> torch.Tensor:
+def decode(data: np.ndarray) -> torch.Tensor:
     """Any JPEG (incl. CMYK, grayscale) or PNG, whatever its extension, as a uint8 RGB CHW tensor."""
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    return decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB)
 
 
 def train_transform(min_scale: float, hflip: bool, size: int) -> v2.Transform:
@@ -53,27 +37,19 @@ def val_transform(resize: int, size: int) -> v2.Transform:
 
 
 class ImageFolderDataset(Dataset):
-    """Reads (index, seed, size) keys; an undecodable file is replaced by the next readable one and
-    flagged, so a corrupt image costs one sample instead of the run. `transform(size)` gives the
+    """Reads (index, seed, size) keys from a `folder.Split`; an undecodable sample is replaced by
+    the next readable one and flagged (`folder.first_readable`). `transform(size)` gives the
     augmentation for an output size (the size changes per epoch under progressive resizing)."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[int], v2.Transform]):
-        self.samples, self.make_transform, self.transforms = samples, transform, {}
+    def __init__(self, split: folder.Split, transform: Callable[[int], v2.Transform]):
+        self.split, self.make_transform, self.transforms = split, transform, {}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.split)
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, bool]:
         index, seed, size = key
-        for attempt in range(min(len(self.samples), 100)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                image = decode(path)
-                break
-            except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
-                log.warning("skipping unreadable image %s: %s", path, str(e).splitlines()[0])
-        else:
-            raise RuntimeError(f"100 consecutive unreadable images starting at {self.samples[index][0]}")
+        image, read = folder.first_readable(self.split, index, decode)
         # Seed the transform's draws, then give the caller its RNG back (workers=0). By hand on the
         # CPU generator: torch.random.fork_rng + torch.manual_seed cost 160 us per sample here
         # (they visit every accelerator backend), more than decoding a 28x28 JPEG.
@@ -86,7 +62,7 @@ class ImageFolderDataset(Dataset):
             image = self.transforms[size](image)
         finally:
             gen.set_state(saved)
-        return image, label, attempt == 0
+        return image, self.split.label(read), read == index
 
 
 def collate(batch):
@@ -98,9 +74,10 @@ class DeviceBatches:
     """Moves uint8 batches to the device and normalises them there; counts skipped files."""
 
     def __init__(self, loader: DataLoader, device: torch.device, mean, std, channels_last: bool):
+        """`mean`, `std` on the 0..255 scale (folder.normalisation)."""
         self.loader, self.device, self.channels_last = loader, device, channels_last
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -148,26 +125,22 @@ class TorchValLoader(DeviceBatches):
         self.num_samples = num_samples
 
 
-def build(cfg, rank: int, world_size: int, device: torch.device, seed: int, channels_last: bool):
+def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
-    root = Path(cfg.root)
-    train_samples, classes = scan(root / "train", cfg.classes)
-    val_samples, val_classes = scan(root / "val", cfg.classes)
-    if val_classes != classes:
-        raise ConfigError(f"data.root: class folders of {root / 'val'} differ from {root / 'train'}")
+    train_split, val_split = folder.open_splits(cfg)
+    sampler, share = folder.shard(cfg, train_split, val_split, info, seed)
     train_tf = functools.partial(train_transform, cfg.min_scale, cfg.hflip)
     val_tf = functools.partial(val_transform, cfg.val_resize)
-    pin = cfg.pin_memory and device.type == "cuda"
+    pin = cfg.pin_memory and info.device.type == "cuda"
     common = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin,
                   persistent_workers=cfg.workers > 0)
-    sampler = GlobalBatchSampler(len(train_samples), cfg.batch_size, rank, world_size, seed)
-    train = DataLoader(ImageFolderDataset(train_samples, train_tf), batch_size=cfg.batch_size,
+    train = DataLoader(ImageFolderDataset(train_split, train_tf), batch_size=cfg.batch_size,
                        sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)), drop_last=True,
                        prefetch_factor=4 if cfg.workers else None, **common)
-    share = val_range(len(val_samples), rank, world_size)
     val_keys = [(i, sample_seed(seed, 0, i), cfg.val_crop) for i in share]
-    val = DataLoader(ImageFolderDataset(val_samples, val_tf), batch_size=cfg.val_batch_size or cfg.batch_size,
+    val = DataLoader(ImageFolderDataset(val_split, val_tf), batch_size=folder.val_batch_size(cfg),
                      sampler=val_keys, **common)
-    kw = dict(device=device, mean=cfg.mean, std=cfg.std, channels_last=channels_last)
+    mean, std = folder.normalisation(cfg)
+    kw = dict(device=info.device, mean=mean, std=std, channels_last=channels_last)
     return (TorchTrainLoader(sampler, loader=train, **kw),
-            TorchValLoader(len(val_samples), loader=val, **kw), classes)
+            TorchValLoader(len(val_split), loader=val, **kw), train_split.classes)

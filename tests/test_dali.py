@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data import torch_loader
+from data import folder, torch_loader
 from data.sampler import steps_per_epoch
 from tests.conftest import make_image_folder, run_trainer, write_config
 from tests.test_preflight import N_SPECIAL_TRAIN, N_SPECIAL_VAL, TRAIN_COUNTS, VAL_COUNTS, messy_folder
 from train.config import DataConfig
+from train.distributed import DistInfo
 
 pytestmark = pytest.mark.dali
 pytest.importorskip("nvidia.dali")
@@ -37,6 +38,10 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # preflight cache out of ~/.cache
 
 
+def at(rank, world):
+    return DistInfo(rank, world, 0, CPU)
+
+
 def config(root, **kw):
     return replace(DataConfig(root=str(root), loader="dali", dali_device="cpu", batch_size=4, workers=2,
                               train_crop=24, val_resize=32, val_crop=32), **kw)
@@ -49,7 +54,7 @@ def epoch(loader, ep, start=0):
 
 def torch_order(cfg, rank, world, ep, start=0):
     """The sample indices the torch loader's sampler gives this rank, batch by batch."""
-    sampler = torch_loader.build(replace(cfg, workers=0), rank, world, CPU, 0, False)[0].sampler
+    sampler = torch_loader.build(replace(cfg, workers=0), at(rank, world), seed=0, channels_last=False)[0].sampler
     sampler.set_epoch(ep, start)
     keys = [i for i, _ in sampler]
     return [keys[b:b + cfg.batch_size] for b in range(0, len(keys), cfg.batch_size)]
@@ -60,9 +65,10 @@ def test_train_epoch_shapes_labels_and_skips(messy, channels_last, caplog):
     root, special = messy
     cfg = config(root)
     with caplog.at_level(logging.WARNING, logger="resnet"):
-        train, val, classes = dali.build(cfg, 0, 1, CPU, 0, channels_last)
+        train, val, classes = dali.build(cfg, at(0, 1), seed=0, channels_last=channels_last)
     assert "3 unusable images" in caplog.text
-    samples, torch_classes = torch_loader.scan(root / "train")
+    split = folder.scan(root / "train")
+    samples, torch_classes = split.samples, split.classes
     assert classes == torch_classes and train.num_samples == N_TRAIN and val.num_samples == N_VAL
     steps = steps_per_epoch(N_TRAIN, 4, 1)
     assert train.steps_per_epoch == len(train) == steps
@@ -87,7 +93,7 @@ def test_train_epoch_shapes_labels_and_skips(messy, channels_last, caplog):
 def test_global_order_matches_torch_loader(messy, world, batch):
     root, _ = messy
     cfg = config(root, batch_size=batch)
-    loaders = [dali.build(cfg, r, world, CPU, 0, False)[0] for r in range(world)]
+    loaders = [dali.build(cfg, at(r, world), seed=0, channels_last=False)[0] for r in range(world)]
     for ep in (0, 1):  # epoch 1 runs on the pipeline of epoch 0, without a rebuild
         pipelines = [ld._iter for ld in loaders]
         got = [[idx for _, _, idx in epoch(ld, ep)] for ld in loaders]
@@ -96,21 +102,23 @@ def test_global_order_matches_torch_loader(messy, world, batch):
             assert len(got[r]) == steps_per_epoch(N_TRAIN, batch, world)
         if ep:
             assert [ld._iter for ld in loaders] == pipelines
-    one = [idx for _, _, idx in epoch(dali.build(config(root, batch_size=batch * world), 0, 1, CPU, 0, False)[0], 1)]
+    one = dali.build(config(root, batch_size=batch * world), at(0, 1), seed=0, channels_last=False)[0]
+    one = [idx for _, _, idx in epoch(one, 1)]
     assert one == [sum((got[r][g] for r in range(world)), []) for g in range(len(one))]
 
 
 def test_resume_mid_epoch_reads_the_tail(messy):
     root, _ = messy
     cfg = config(root, batch_size=2)
-    full = [[idx for _, _, idx in epoch(dali.build(cfg, r, 2, CPU, 0, False)[0], 1)] for r in range(2)]
+    full = [[idx for _, _, idx in epoch(dali.build(cfg, at(r, 2), seed=0, channels_last=False)[0], 1)]
+            for r in range(2)]
     for start in (4, 8):  # global samples already consumed: 1 and 2 global batches
-        fresh = [dali.build(cfg, r, 2, CPU, 0, False)[0] for r in range(2)]
+        fresh = [dali.build(cfg, at(r, 2), seed=0, channels_last=False)[0] for r in range(2)]
         tails = [[idx for _, _, idx in epoch(ld, 1, start)] for ld in fresh]
         assert [len(t) for t in tails] == [len(fresh[0])] * 2 == [len(full[0]) - start // 4] * 2
         assert tails == [f[start // 4:] for f in full]
     # an epoch abandoned half way and restarted reads from its beginning again
-    train = dali.build(cfg, 0, 2, CPU, 0, False)[0]
+    train = dali.build(cfg, at(0, 2), seed=0, channels_last=False)[0]
     train.set_epoch(1)
     next(iter(train))
     assert [idx for _, _, idx in epoch(train, 1)] == full[0]
@@ -123,7 +131,7 @@ def test_val_covers_every_image_once(messy, world, batch):
     cfg = config(root, batch_size=2, val_batch_size=batch)
     seen = []
     for r in range(world):
-        val = dali.build(cfg, r, world, CPU, 0, False)[1]
+        val = dali.build(cfg, at(r, world), seed=0, channels_last=False)[1]
         assert val.num_samples == N_VAL
         for _ in range(2):  # a second evaluation reuses the pipeline and sees the same share
             batches = list(val.iter_indexed())
@@ -136,9 +144,9 @@ def test_val_covers_every_image_once(messy, world, batch):
 def test_cmyk_and_png_named_jpeg_decode_like_pil(messy):
     root, special = messy
     cfg = config(root, val_batch_size=1)
-    val = dali.build(cfg, 0, 1, CPU, 0, False)[1]
+    val = dali.build(cfg, at(0, 1), seed=0, channels_last=False)[1]
     std, mean = (torch.tensor(v).view(3, 1, 1) * 255 for v in (cfg.std, cfg.mean))
-    images = {val.samples[i][0]: (x[0] * std + mean) for x, _, (i,) in val.iter_indexed()}
+    images = {val.split.samples[i][0]: (x[0] * std + mean) for x, _, (i,) in val.iter_indexed()}
     for path in special["cmyk"][1:] + special["png_as_jpeg"][1:]:  # the val copies
         want = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
         diff = (images[path] - want).abs()
@@ -158,9 +166,9 @@ def test_grayscale_decodes_to_three_equal_channels_on_both_loaders(messy):
     pil = torch.from_numpy(np.asarray(Image.open(val_gray), dtype=np.float32))
     assert pil.ndim == 2  # really a one-channel JPEG
     for name, build in (("dali", dali.build), ("torch", torch_loader.build)):
-        train, val, _ = build(cfg if name == "dali" else replace(cfg, workers=0), 0, 1, CPU, 0, False)
+        train, val, _ = build(cfg if name == "dali" else replace(cfg, workers=0), at(0, 1), seed=0, channels_last=False)
         # validation (val_resize = val_crop = the image size: the pixels themselves)
-        samples = val.samples if name == "dali" else val.loader.dataset.samples
+        samples = val.split.samples if name == "dali" else val.loader.dataset.split.samples
         i = [p for p, _ in samples].index(val_gray)
         if name == "dali":
             x = next(x[0] for x, _, idx in val.iter_indexed() if idx[0] == i)
@@ -179,7 +187,7 @@ def test_grayscale_decodes_to_three_equal_channels_on_both_loaders(messy):
         else:  # the torch loader's sampler gives the indices of its batches in order
             keys = [k for k, _ in train.sampler]
             batches = [(x, keys[b * 4:(b + 1) * 4]) for b, (x, _) in enumerate(train)]
-        index = [p for p, _ in torch_loader.scan(root / "train")[0]].index(train_gray)
+        index = [p for p, _ in folder.scan(root / "train").samples].index(train_gray)
         found = [unnormalise(x[j], cfg) for x, idx in batches for j, k in enumerate(idx) if k == index]
         assert found, f"{name}: grayscale training image not in epoch 0"
         for rgb in found:
@@ -219,8 +227,9 @@ def test_val_tensors_match_torch_loader(sized, crop):
     mean |diff| <= 0.004 and max |diff| = 0.0175 normalised units (one uint8 step / (0.224 * 255));
     with DALI's own resize_shorter and crop_pos rounding the max was 0.34-0.67 (20-39 uint8 steps)."""
     cfg = config(sized, batch_size=2, val_resize=32, val_crop=crop, val_batch_size=len(VAL_SIZES))
-    want = torch.cat([x for x, _ in torch_loader.build(replace(cfg, workers=0), 0, 1, CPU, 0, False)[1]])
-    (got, labels, idx), = list(dali.build(cfg, 0, 1, CPU, 0, False)[1].iter_indexed())
+    want = torch_loader.build(replace(cfg, workers=0), at(0, 1), seed=0, channels_last=False)[1]
+    want = torch.cat([x for x, _ in want])
+    (got, labels, idx), = list(dali.build(cfg, at(0, 1), seed=0, channels_last=False)[1].iter_indexed())
     assert idx.tolist() == list(range(len(VAL_SIZES))) and got.shape == want.shape == (len(VAL_SIZES), 3, crop, crop)
     for i in range(len(VAL_SIZES)):
         diff = (got[i] - want[i]).abs()
@@ -240,8 +249,7 @@ def test_trainer_learns_as_well_on_dali_as_on_torch(tmp_path):
     assert min(top1.values()) >= 90 and abs(top1["dali"] - top1["torch"]) <= 10, top1
 
 def test_replacements_wrap_around():
-    samples = [(f"{i}", 0) for i in range(5)]
-    assert dali.replacements(samples, {"1", "2", "4"}).tolist() == [0, 3, 3, 3, 0]
+    assert folder.replacements(5, {1, 2, 4}).tolist() == [0, 3, 3, 3, 0]
 
 
 def test_gpu_graph_is_valid_without_a_gpu():
@@ -249,10 +257,10 @@ def test_gpu_graph_is_valid_without_a_gpu():
     (hardware decoder load, nvJPEG preallocation) are checked here even without CUDA."""
     cfg = DataConfig()
     for train in (True, False):
-        feed = dali.Feed([("x", 0)], np.zeros(1, dtype=np.int64), iter(()), 1, sized=train)
+        feed = dali.Feed(folder.Split([("x", 0)], ["a"]), np.zeros(1, dtype=np.int64), iter(()), 1, sized=train)
         dali.make_pipeline(feed, train, cfg, gpu=True, hwc=True, batch_size=2, num_threads=1, device_id=0)
         feed.close()
     if not torch.cuda.is_available():
-        with pytest.raises(dali.ConfigError, match="dali_device"):
+        with pytest.raises(dali.DataError, match="dali_device"):
             dali.use_gpu("gpu", CPU)
     assert not dali.use_gpu("auto", CPU) and not dali.use_gpu("cpu", CPU)

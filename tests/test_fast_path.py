@@ -124,7 +124,7 @@ def test_synthetic_run_is_the_same_run_as_real(tiny_data):
     for loader in ("torch", "synthetic"):
         data = DataConfig(root=str(tiny_data), loader=loader, batch_size=8, workers=0, train_crop=32,
                           val_resize=32, val_crop=32)
-        train, _, classes = build_loaders(data, 0, 1, CPU, 0, False)
+        train, _, classes = build_loaders(data, DistInfo(0, 1, 0, CPU), seed=0, channels_last=False)
         cfg = Config(data=data, model=BASE)
         torch.manual_seed(0)
         model, _ = build_model(cfg, len(classes), DistInfo(0, 1, 0, CPU))

@@ -9,8 +9,10 @@ from data import torch_loader
 from data.sampler import train_crop_at
 from tests.conftest import make_image_folder
 from train.config import ConfigError, DataConfig, load
+from train.distributed import DistInfo
 
 CPU = torch.device("cpu")
+ONE = DistInfo(0, 1, 0, CPU)
 
 
 def test_resolution_schedule_steps_of_32():
@@ -42,7 +44,7 @@ def shapes(loader, epoch):
 
 
 def test_torch_loader_follows_the_schedule(folder):
-    train, val, _ = torch_loader.build(cfg_for(folder), 0, 1, CPU, 0, False)
+    train, val, _ = torch_loader.build(cfg_for(folder), ONE, seed=0, channels_last=False)
     assert shapes(train, 0) == {(16, 16)} and shapes(train, 2) == {(32, 32)}
     assert {tuple(x.shape[2:]) for x, _ in val} == {(32, 32)}  # evaluation stays at val_crop
 
@@ -53,7 +55,8 @@ def test_dali_loader_follows_the_schedule(folder, tmp_path, monkeypatch):
     from data import dali
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    train, val, _ = dali.build(cfg_for(folder, loader="dali", dali_device="cpu", workers=1), 0, 1, CPU, 0, False)
+    cfg = cfg_for(folder, loader="dali", dali_device="cpu", workers=1)
+    train, val, _ = dali.build(cfg, ONE, seed=0, channels_last=False)
     assert shapes(train, 0) == {(16, 16)}
     assert shapes(train, 1) == {(32, 32)}  # epoch 1: 16 + 16/2 = 24 → rounds to 32
     assert {tuple(x.shape[2:]) for x, _ in val} == {(32, 32)}

@@ -40,12 +40,14 @@ def make_init(tmp_path, data):
 def _evaluate(rank, world, root):
     from data import torch_loader
     from train.config import DataConfig, ModelConfig
+    from train.distributed import DistInfo
     from train.loop import evaluate
     from train.models import build
 
     torch.manual_seed(0)
     cfg = DataConfig(root=str(root), batch_size=7, workers=0, train_crop=16, val_resize=16, val_crop=16)
-    _, val, classes = torch_loader.build(cfg, rank, world, torch.device("cpu"), 0, False)
+    _, val, classes = torch_loader.build(cfg, DistInfo(rank, world, 0, torch.device("cpu")), seed=0,
+                                         channels_last=False)
     model = build(ModelConfig(name="resnet20", stem="cifar"), len(classes))
     with torch.no_grad():  # random BN statistics so predictions are varied
         for m in model.modules():

@@ -12,6 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/main.py` / torchrun: make `train` and `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data import DataError  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import distributed  # noqa: E402
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with distributed.process_group(cfg.dist) as info:
             return fit(cfg, info)
-    except (config_lib.ConfigError, FileNotFoundError) as e:  # user errors found after start-up
+    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:  # user errors found after start-up
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLoss as e:

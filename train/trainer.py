@@ -138,8 +138,8 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
         config_lib.save(cfg, run_dir / "config.yaml")
     amp = resolve_amp(cfg.train.amp, info.device)
 
-    train_loader, val_loader, classes = build_loaders(cfg.data, info.rank, info.world_size, info.device,
-                                                      cfg.train.seed, cfg.model.channels_last)
+    train_loader, val_loader, classes = build_loaders(cfg.data, info, seed=cfg.train.seed,
+                                                      channels_last=cfg.model.channels_last)
     num_classes = cfg.data.num_classes or len(classes)
     model, bare = build_model(cfg, num_classes, info)
     global_batch = cfg.data.batch_size * info.world_size
