@@ -53,7 +53,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python slurm/submit.py`: make `train` and `slurm` importable
@@ -86,6 +85,11 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_tasks))
 
 
+def requeue_signal(env) -> signal.Signals:
+    """The signal submitit asked SLURM for (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    return signal.Signals[f"SIG{env.USR_SIG}"]
+
+
 class Trainer:
     """The submitit callable: one instance per task; `checkpoint()` makes the requeued run."""
 
@@ -111,7 +115,7 @@ class Trainer:
         print(f"[submit] {env} restart {restarts}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}: "
               f"train/main.py {shlex.join(self.argv())}", flush=True)
 
-        usr_sig = env._usr_sig() if hasattr(env, "_usr_sig") else signal.SIGUSR2
+        usr_sig = requeue_signal(env)
         submitit_handler = signal.getsignal(usr_sig)  # checkpoint_and_try_requeue
         pending = threading.Event()
         got = {"requeue_signal": False}
@@ -211,27 +215,33 @@ def time_to_minutes(t: str) -> int:
 
 
 def make_executor(args: argparse.Namespace, folder: Path, name: str):
+    """submitit's SlurmExecutor (parameters in sbatch's own names), or its LocalExecutor for --local."""
     import submitit
 
     gpus = max(args.gpus_per_node, 0)
     tasks = args.tasks_per_node or gpus or 1
-    cluster = "local" if args.local else "slurm"  # never a silent fallback to the local executor
-    with contextlib.ExitStack() as stack:
-        if args.dry_run and shutil.which("srun") is None:  # write the script on a machine without SLURM
-            stack.enter_context(mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)))
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
-    params = dict(name=name, nodes=args.nodes, tasks_per_node=tasks, timeout_min=time_to_minutes(args.time))
+    minutes = time_to_minutes(args.time)
+    if args.local:  # never a silent fallback: --local is the only way to the local executor
+        executor = submitit.LocalExecutor(folder)
+        executor.update_parameters(nodes=args.nodes, tasks_per_node=tasks, timeout_min=minutes,
+                                   **({"gpus_per_node": gpus} if gpus else {}))
+        return executor
+    cls = submitit.SlurmExecutor
+    if args.dry_run and shutil.which("srun") is None:  # write the script on a machine without SLURM
+        cls = script_only_slurm_executor()
+    executor = cls(folder=folder, max_num_timeout=args.max_requeues)
+    params: dict = dict(job_name=name, nodes=args.nodes, ntasks_per_node=tasks, time=minutes)
     if gpus:
         params["gpus_per_node"] = gpus
     if args.cpus_per_task:
         params["cpus_per_task"] = args.cpus_per_task
-    slurm: dict = {"slurm_signal_delay_s": args.signal_delay,
-                   # jobs must find `train` and `slurm` wherever the job's working directory is
-                   "slurm_setup": [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]}
+    params["signal_delay_s"] = args.signal_delay
+    # jobs must find `train` and `slurm` wherever the job's working directory is
+    params["setup"] = [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if args.partition:
-        slurm["slurm_partition"] = args.partition
+        params["partition"] = args.partition
     if args.mem_per_gpu:
-        slurm["slurm_mem_per_gpu"] = args.mem_per_gpu
+        params["mem_per_gpu"] = args.mem_per_gpu
     extra: dict = {"requeue": True}
     if args.account:
         extra["account"] = args.account
@@ -241,17 +251,30 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str):
         extra["constraint"] = args.constraint
     if args.exclusive:
         extra["exclusive"] = True
-    slurm["slurm_additional_parameters"] = extra
-    if args.local:
-        slurm = {}  # AutoExecutor drops slurm_* parameters for other clusters; be explicit
-    executor.update_parameters(**params, **slurm)
+    params["additional_parameters"] = extra
+    executor.update_parameters(**params)
     return executor
 
 
+def script_only_slurm_executor() -> type:
+    """A SlurmExecutor that can be built where `srun` is missing, to write the batch script of
+    --dry-run (SlurmExecutor refuses to be built there). It overrides `affinity`, submitit's
+    public "is this cluster here" score, instead of patching the library's class."""
+    import submitit
+
+    class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return ScriptOnlySlurmExecutor
+
+
 def sbatch_script(executor) -> str:
-    """The batch script submitit would submit (its own generator, so this is exactly it)."""
-    inner = executor._executor  # SlurmExecutor
-    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+    """The batch script `executor.submit` would write and pass to sbatch, from submitit's own
+    generator. Private API: submitit (1.5) has no public call for it (the script exists only
+    inside `submit`); these two names are the whole dependency, pinned by tests/test_slurm.py."""
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
 class SubmitError(Exception):
@@ -351,7 +374,7 @@ def main(argv: list[str] | None = None):
     if args.dry_run:
         print(f"run dir: {run_dir}")
         print(f"job: {Trainer(config, overrides).argv()}")
-        print(f"parameters: {executor._executor.parameters}")
+        print(f"parameters: {executor.parameters}")
         print("sbatch script:")
         print(sbatch_script(executor))
         return None
@@ -365,7 +388,7 @@ def main(argv: list[str] | None = None):
         if created is not None:  # what submitit wrote for a job that was never queued (pickle, script)
             shutil.rmtree(created, ignore_errors=True)
         fail(str(e))
-    print(f"submitted job {job.job_id} ({executor.cluster}): {name}")
+    print(f"submitted job {job.job_id} ({'local' if args.local else 'slurm'}): {name}")
     print(f"  stdout: {job.paths.stdout}")
     print(f"  stderr: {job.paths.stderr}")
     print(f"  run dir: {run_dir}")

@@ -264,6 +264,10 @@ def test_dry_run_prints_the_sbatch_parameters(tmp_path):
                        text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --ntasks-per-node=4" in r.stdout and "gpus-per-node" not in r.stdout
+    # a machine without SLURM (no srun on PATH): the same script
+    no_slurm = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**env, "PATH": str(Path(sys.executable).parent)})
+    assert no_slurm.returncode == 0 and no_slurm.stdout == out, no_slurm.stderr
 
 
 def test_local_executor_runs_two_tasks(tmp_path):
