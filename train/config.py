@@ -6,8 +6,8 @@ values) and its section's ``validate`` holding its range checks. Every user mist
 wrong type, impossible value, missing data root) is raised by ``load`` on every rank before
 distributed init, so a bad command never leaves a half-started job behind; what needs the
 device or the files (fp16 without CUDA, unreadable weights, missing class folders, a dataset
-smaller than one global batch) is found after start-up and raised as the same one-line error
-(``train/main.py`` prints it and exits 2).
+smaller than one global batch) is found after start-up, as a ``ConfigError`` or the data
+package's ``DataError``, and ``train/main.py`` prints it as one line and exits 2.
 """
 
 from __future__ import annotations
