@@ -1,8 +1,8 @@
 """Typed run configuration: YAML recipe + dotted CLI overrides, validated before any process group.
 
 A key is declared in one place: its field, with its type (a ``Literal`` lists the allowed
-values) and its section's ``validate`` holding its range checks. Every user mistake becomes a
-``ConfigError`` with one line naming the key. What the config alone can tell (unknown key,
+values) and its section's ``validate`` holding its range checks. Every user mistake becomes an
+error of one line that names the key. What the config alone can tell (unknown key,
 wrong type, impossible value, missing data root) is raised by ``load`` on every rank before
 distributed init, so a bad command never leaves a half-started job behind; what needs the
 device or the files (fp16 without CUDA, unreadable weights, missing class folders, a dataset
