@@ -88,6 +88,20 @@ def val_geometry(shape, resize: int, crop: int):
     return fn.cast(fn.stack(out_h, out_w), dtype=types.FLOAT), pos(out_h - crop), pos(out_w - crop)
 
 
+def pad_crop(images, shape, size, pad: int):
+    """torchvision's RandomCrop(size, padding=pad, pad_if_needed=True): a window whose corner is
+    uniform over [-pad, H - size + pad] x [-pad, W - size + pad], zeros outside the image."""
+    from nvidia.dali import fn, types
+
+    def corner(extent, out):  # integer uniform in [-pad, extent - out + pad]
+        span = fn.cast(extent, dtype=types.FLOAT) - out + float(2 * pad + 1)
+        return fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32) - pad
+
+    start = fn.stack(corner(shape[0], size[0]), corner(shape[1], size[1]))
+    return fn.slice(images, start=start, shape=fn.cast(size, dtype=types.INT32), axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=0)
+
+
 def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
     """decode (+ random crop) → resize → crop/flip/normalise; outputs images, labels, indices."""
     from nvidia.dali import fn, pipeline_def, types
@@ -102,7 +116,12 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
         data, labels, index, size = (*outputs, None)[:4]
         # RGB output: CMYK and grayscale JPEGs and PNGs named .JPEG all come out as 3 channels.
         decoder = dict(device="mixed", hw_decoder_load=0.65) if gpu else dict(device="cpu")
-        if train:
+        if train and cfg.crop == "pad":
+            images = fn.decoders.image(data, output_type=types.RGB, **decoder)
+            images = pad_crop(images, fn.peek_image_shape(data), size, cfg.pad)
+            mirror = fn.random.coin_flip(probability=0.5) if cfg.hflip else 0
+            crop = {}
+        elif train:
             images = fn.decoders.image_random_crop(data, output_type=types.RGB, random_area=[cfg.min_scale, 1.0],
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100,
                                                    **decoder, **(PREALLOCATE if gpu else {}))

@@ -27,9 +27,14 @@ def decode(data: np.ndarray) -> torch.Tensor:
     return decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB)
 
 
-def train_transform(min_scale: float, hflip: bool, size: int) -> v2.Transform:
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
-                       *([v2.RandomHorizontalFlip()] if hflip else [])])
+def train_transform(cfg, size: int) -> v2.Transform:
+    """`data.crop`: random_resized (Inception/ImageNet) or pad (the ResNet paper's CIFAR crop:
+    zero-pad `data.pad` px, cut a random `size` window; for images that are already `size` px)."""
+    if cfg.crop == "pad":
+        crop = v2.RandomCrop(size, padding=cfg.pad, pad_if_needed=True)
+    else:
+        crop = v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True)
+    return v2.Compose([crop, *([v2.RandomHorizontalFlip()] if cfg.hflip else [])])
 
 
 def val_transform(resize: int, size: int) -> v2.Transform:
@@ -129,7 +134,7 @@ def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
     train_split, val_split = folder.open_splits(cfg)
     sampler, share = folder.shard(cfg, train_split, val_split, info, seed)
-    train_tf = functools.partial(train_transform, cfg.min_scale, cfg.hflip)
+    train_tf = functools.partial(train_transform, cfg)
     val_tf = functools.partial(val_transform, cfg.val_resize)
     pin = cfg.pin_memory and info.device.type == "cuda"
     common = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin,

@@ -46,7 +46,10 @@ class Section:
 
 @dataclass
 class DataConfig(Section):
-    root: str = ""  # ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG
+    root: str = ""  # ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG, or a data.pack output
+    # node-local disk ($SLURM_TMPDIR, /local/scratch) to copy data.root to at start (data/stage.py): one
+    # copy per node, reused after a requeue; "" = read data.root in place
+    stage_dir: str = ""
     loader: Literal["torch", "dali", "synthetic"] = "torch"
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: gpu if CUDA
     batch_size: int = 256  # per rank
@@ -55,6 +58,8 @@ class DataConfig(Section):
     train_crop: int = 224
     val_resize: int = 256  # shorter side before the center crop
     val_crop: int = 224
+    crop: Literal["random_resized", "pad"] = "random_resized"  # pad: pad + random crop (CIFAR)
+    pad: int = 4  # pixels of zero padding for crop=pad
     min_scale: float = 0.08  # RandomResizedCrop lower area bound
     # progressive resizing (FFCV): train at `progressive_min_crop` until `progressive_start_epoch`,
     # then rise linearly (in steps of 32 px) to `train_crop` at `progressive_end_epoch`; 0 = off
@@ -71,7 +76,7 @@ class DataConfig(Section):
 
     def validate(self, prefix: str) -> None:
         self._positive(prefix, "batch_size", "train_crop", "val_crop")
-        self._non_negative(prefix, "workers", "val_batch_size")
+        self._non_negative(prefix, "workers", "val_batch_size", "pad")
         if self.progressive_min_crop and not (
                 0 < self.progressive_min_crop <= self.train_crop
                 and 0 <= self.progressive_start_epoch <= self.progressive_end_epoch):
@@ -144,7 +149,9 @@ class ScheduleConfig(Section):
 @dataclass
 class TrainConfig(Section):
     epochs: int = 90
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, off on CPU
+    # auto: from the hardware (train/hardware.py): bf16 on sm >= 8.0, else fp16; on the CPU bf16
+    # only where it is native (AMX/AVX512-BF16) and a probe finds it faster, else fp32 ("off")
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     seed: int = 0
     deterministic: bool = False
     eval_every: int = 1  # epochs
@@ -196,6 +203,10 @@ class DistConfig(Section):
     bucket_cap_mb: int = 25
     gradient_as_bucket_view: bool = True
     static_graph: bool = False
+    cpu_threads: int = 0  # intra-op threads per rank; 0 = its share of the node's CPUs (less loader workers)
+
+    def validate(self, prefix: str) -> None:
+        self._non_negative(prefix, "cpu_threads")
 
 
 @dataclass
@@ -312,7 +323,8 @@ def validate(cfg: Config, check_data: bool = True) -> None:
     if check_data and cfg.data.loader != "synthetic":
         if not cfg.data.root:
             raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
-        for split in ("train", "val"):
+        packed = (Path(cfg.data.root) / "index.json").is_file()  # written by `python -m data.pack`
+        for split in () if packed else ("train", "val"):
             path = Path(cfg.data.root) / split
             if not path.is_dir():
                 raise ConfigError(f"data.root: '{path}' does not exist (expected <root>/{split}/<class>/<image>)")

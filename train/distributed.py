@@ -28,6 +28,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (they share its CPUs)
 
     @property
     def is_main(self) -> bool:
@@ -41,6 +42,8 @@ def env_from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", per_node.split("(")[0].split(",")[0])  # "8(x2)" -> 8
     os.environ.setdefault("MASTER_PORT", "29500")
     if "MASTER_ADDR" not in os.environ:
         import subprocess
@@ -91,7 +94,8 @@ def init(cfg: DistConfig) -> DistInfo:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout, device_id=dev if use_cuda else None,
                                 store=restart_safe_store(rank, world, timeout), rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return DistInfo(rank, world, local_rank, dev, local_world)
 
 
 def destroy() -> None:

@@ -9,6 +9,7 @@ all-reduce), so a signal that reached only some ranks still stops all of them at
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_loaders
 from train import config as config_lib
-from train import models, sync_batchnorm
+from train import hardware, models, sync_batchnorm
 from train.checkpoint import Checkpointer, find_resume
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.loop import NonFiniteLoss, StopTraining, TrainState, evaluate, train_one_epoch
@@ -119,11 +120,31 @@ def all_finite(module: nn.Module) -> bool:
     return bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    if amp == "auto":
-        return "fp16" if device.type == "cuda" else "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise config_lib.ConfigError("train.amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
+def set_threads(cfg, info: DistInfo) -> int:
+    """Intra-op threads from this rank's share of the CPUs (torchrun's OMP_NUM_THREADS=1 would
+    leave the rest idle); an OMP_NUM_THREADS other than torchrun's 1 is the user's and is kept."""
+    user = os.environ.get("OMP_NUM_THREADS", "1")
+    workers = cfg.data.workers if cfg.data.loader == "torch" else 0  # DALI's threads wait on the GPU or I/O
+    threads = int(user) if user != "1" and not cfg.dist.cpu_threads else hardware.cpu_threads(
+        cfg.dist.cpu_threads, info.local_world_size, workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def choose_amp(cfg, info: DistInfo, bare: nn.Module) -> str:
+    """train.amp, with `auto` decided by the hardware (train/hardware.py); logged in one line."""
+    def mean_over_ranks(values: list[float]) -> list[float]:
+        t = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=info.device))
+        return (t / info.world_size).tolist()
+
+    key = (f"{cfg.model.name}|batch {cfg.data.batch_size}|crop {cfg.data.train_crop}|channels_last "
+           f"{cfg.model.channels_last}|threads {torch.get_num_threads()}|ranks/node {info.local_world_size}")
+    amp, why = hardware.choose_amp(
+        cfg.train.amp, info.device, key=key, reduce=mean_over_ranks, write_cache=info.local_rank == 0,
+        measure=lambda: hardware.probe(bare, cfg.data.batch_size, cfg.data.train_crop, cfg.model.channels_last))
+    if info.device.type == "cuda":
+        hardware.allow_tf32()
+    log.info("amp %s: %s", amp, why)
     return amp
 
 
@@ -136,12 +157,14 @@ def fit(cfg: config_lib.Config, info: DistInfo) -> dict:
     run_dir = cfg.run_dir
     if info.is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
-    amp = resolve_amp(cfg.train.amp, info.device)
+    threads = set_threads(cfg, info)
+    log.info("%s; %d intra-op threads per rank", hardware.machine_header(info.device), threads)
 
     train_loader, val_loader, classes = build_loaders(cfg.data, info, seed=cfg.train.seed,
                                                       channels_last=cfg.model.channels_last)
     num_classes = cfg.data.num_classes or len(classes)
     model, bare = build_model(cfg, num_classes, info)
+    amp = choose_amp(cfg, info, bare)
     global_batch = cfg.data.batch_size * info.world_size
     steps_per_epoch = train_loader.steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model, global_batch)
