@@ -3,7 +3,8 @@
 The contract is spelled out in `data/contract.py` (TrainLoader, ValLoader, RankInfo, DataError);
 what the folder-reading loaders share (scanning a split, sharding, the bad-file replacement
 rule, normalisation constants) is in `data/folder.py`, so a new storage format or loader plugs
-into both.
+into both: `data/packed.py` (tar shards written by `data/pack.py`) is one. `data/stage.py` copies
+a dataset to node-local disk first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ __all__ = ["DataError", "Loader", "RankInfo", "TrainLoader", "ValLoader", "build
 
 
 def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[TrainLoader, ValLoader, list[str]]:
-    """(train, val, class names) for `cfg.loader` in torch | dali | synthetic, sharded for `info.rank`."""
+    """(train, val, class names) for `cfg.loader` in torch | dali | synthetic, sharded for `info.rank`;
+    with `cfg.stage_dir`, read from a node-local copy of `cfg.root` (data/stage.py)."""
+    if cfg.stage_dir and cfg.loader != "synthetic":
+        from data import stage
+
+        cfg = stage.staged(cfg, info)
     if cfg.loader == "synthetic":
         from data import synthetic as impl
     elif cfg.loader == "dali":

@@ -77,11 +77,27 @@ class FolderSplit(Split):
         return {i for i, (path, _) in enumerate(self.samples) if path in report.unusable}
 
 
-def scan(root: Path, only: list[str] | tuple[str, ...] = ()) -> FolderSplit:
+def is_packed(root: Path) -> bool:
+    """`root` holds a dataset written by `python -m data.pack` (data/packed.py)."""
+    return (Path(root) / "index.json").is_file()
+
+
+def has_split(path: Path) -> bool:
+    """`<root>/<split>` exists, as a folder or as a split of a packed `<root>`."""
+    path = Path(path)
+    return path.is_dir() or is_packed(path.parent)
+
+
+def scan(root: Path, only: list[str] | tuple[str, ...] = ()) -> Split:
     """An ImageNet-style split, classes sorted by folder name; `only` keeps a subset of class
-    folders (labels renumbered 0..k-1), e.g. for transfer learning."""
+    folders (labels renumbered 0..k-1), e.g. for transfer learning. `root` may also name a split
+    of a packed dataset, `<packed root>/<split>`: the same samples in the same order."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    if not Path(root).is_dir() and is_packed(Path(root).parent):
+        from data import packed
+
+        return packed.open_split(Path(root).parent, Path(root).name, only)
     classes, _ = find_classes(str(root))
     if only:
         missing = sorted(set(only) - set(classes))
@@ -92,12 +108,13 @@ def scan(root: Path, only: list[str] | tuple[str, ...] = ()) -> FolderSplit:
     return FolderSplit(root, samples, classes)
 
 
-def open_splits(cfg) -> tuple[FolderSplit, FolderSplit]:
-    """`cfg.root`'s train and val splits; a model trained on one must be scored on the same classes."""
+def open_splits(cfg) -> tuple[Split, Split]:
+    """`cfg.root`'s train and val splits, folders or packed; a model trained on one must be scored
+    on the same classes."""
     root = Path(cfg.root)
     train, val = scan(root / "train", cfg.classes), scan(root / "val", cfg.classes)
     if val.classes != train.classes:
-        raise DataError(f"data.root: class folders of {root / 'val'} differ from {root / 'train'}")
+        raise DataError(f"data.root: classes of {root / 'val'} differ from {root / 'train'}")
     return train, val
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import io
 import json
 import os
 import sys
@@ -60,16 +61,18 @@ class Report:
         return "\n".join(lines)
 
 
-def check(path: str) -> str | None:
-    """The problem of one file (a Report field name), or None if it is a plain RGB/gray image."""
+def check(path: str, data: bytes | None = None) -> str | None:
+    """The problem of one file (a Report field name), or None if it is a plain RGB/gray image.
+    `data` is the file's content when the caller has read it already (data.pack reads once)."""
     try:
-        if os.path.getsize(path) == 0:
+        if data is None:
+            data = Path(path).read_bytes()
+        if not data:
             return "zero_byte"
-        with open(path, "rb") as f:
-            head = f.read(8)
-        with Image.open(path) as im:
+        head = data[:8]
+        with Image.open(io.BytesIO(data)) as im:
             im.verify()  # structure and checksums, without decoding
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # full decode: catches truncated entropy-coded data
             mode = im.mode
     except UnidentifiedImageError:

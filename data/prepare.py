@@ -101,15 +101,23 @@ def read_val_labels(labels_file: Path) -> dict[str, str]:
     return labels
 
 
+def labelled_val_files(val_dir: Path, labels_file: Path) -> dict[str, str]:
+    """`read_val_labels`, after checking that every labelled image is in `val_dir`, flat or
+    already in its class folder (also what `data.pack` reads a flat val split with)."""
+    val_dir = Path(val_dir)
+    labels = read_val_labels(labels_file)
+    missing = [n for n, w in labels.items() if not (val_dir / n).exists() and not (val_dir / w / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(labels)} labelled images are not in {val_dir}, "
+                                f"e.g. {missing[0]}")
+    return labels
+
+
 def imagenet_val_to_folders(val_dir: Path, labels_file: Path) -> dict[str, int]:
     """Move the flat ILSVRC2012 val images into <val_dir>/<wnid>/; idempotent, so an interrupted
     run can simply be repeated. Returns how many were moved and how many were already in place."""
     val_dir = Path(val_dir)
-    labels = read_val_labels(labels_file)
-    missing = [n for n, w in labels.items() if not (val_dir / n).exists() and not (val_dir / w / n).exists()]
-    if missing:  # check everything before moving anything
-        raise FileNotFoundError(f"{len(missing)} of {len(labels)} labelled images are not in {val_dir}, "
-                                f"e.g. {missing[0]}")
+    labels = labelled_val_files(val_dir, labels_file)  # checks everything before moving anything
     counts = {"moved": 0, "already": 0}
     for name, wnid_ in labels.items():
         dst = val_dir / wnid_ / name

@@ -44,7 +44,7 @@ class SyntheticLoader:
 def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     """With a `data.root`, the real dataset's size and classes (the same model, epoch length and
     schedule as the real run: only the pixels differ); without one, ImageNet's."""
-    if cfg.root and (Path(cfg.root) / "train").is_dir():
+    if cfg.root and folder.has_split(Path(cfg.root) / "train"):
         split = folder.scan(Path(cfg.root) / "train", cfg.classes)
         classes, num_train = split.classes, len(split)
     else:
