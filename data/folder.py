@@ -2,8 +2,8 @@
 
 A `Split` is a list of samples (a name and a label each), the class names, and a way to read
 the encoded bytes of sample i. `FolderSplit` is the ImageNet folder layout; the torch and DALI
-loaders read only through a Split, so another storage format (packed shards read with os.pread,
-say) is one more subclass, not one more loader.
+loaders read only through a Split, so another storage format is one more subclass, not one more
+loader: `data.packed.PackedSplit` (tar shards read with os.pread) is the other one.
 
 The helpers are what both loaders must do identically for a run to switch loaders and still
 resume exactly: which samples each rank reads (data/sampler.py) and its validation share and

@@ -43,6 +43,12 @@ def read_index(root: str | Path) -> dict:
     return meta
 
 
+def load_rows(path: Path) -> np.ndarray:
+    """The (N, 4) index, memory-mapped (one copy in the page cache for all processes) and viewed
+    as a plain ndarray: indexing a np.memmap row costs ~17 us, a plain one under 1 us."""
+    return np.load(path, mmap_mode="r").view(np.ndarray)
+
+
 class PackedSplit(Split):
     """One split of a packed dataset. Shard descriptors are opened lazily, per process: forked
     DataLoader workers and DALI's reader threads each pread through their own process's fds,
@@ -52,7 +58,7 @@ class PackedSplit(Split):
         self.root, self.split = Path(root), split
         info = meta["splits"][split]
         self.shards = [str(self.root / s["file"]) for s in info["shards"]]
-        index = np.load(self.root / info["index"], mmap_mode="r")  # shared page cache, not per-process copies
+        index = load_rows(self.root / info["index"])
         classes = list(meta["classes"])
         if only:  # a subset of classes, renumbered 0..k-1 in sorted order (as data.folder.scan)
             missing = sorted(set(only) - set(classes))
@@ -106,7 +112,7 @@ class PackedSplit(Split):
         return fd
 
     def read_bytes(self, i: int) -> np.ndarray:
-        shard, offset, size, _ = (int(v) for v in self.index[i])
+        shard, offset, size, _ = self.index[i].tolist()
         data = np.empty(size, dtype=np.uint8)
         got = os.preadv(self._fd(shard), [data], offset)  # straight into the array: no bytes copy
         if got != size:
@@ -136,7 +142,7 @@ class PackedSplit(Split):
         self._lock, self._pid = threading.Lock(), os.getpid()
         if self.index is None:
             meta = read_index(self.root)
-            self.index = np.load(self.root / meta["splits"][self.split]["index"], mmap_mode="r")
+            self.index = load_rows(self.root / meta["splits"][self.split]["index"])
 
     def __del__(self):
         try:
