@@ -229,3 +229,74 @@ def test_new_classifier_resets_the_head_of_same_size(tmp_path):
     fresh = build(ModelConfig(name="resnet20", weights=str(tmp_path / "src.pth"), new_classifier=True), 5)
     assert torch.equal(kept.fc.weight, src.fc.weight) and not torch.equal(fresh.fc.weight, src.fc.weight)
     assert torch.equal(fresh.layer3[2].conv2.weight, src.layer3[2].conv2.weight)
+
+
+SE_COUNTS = {"seresnet50": 28_088_024, "seresnet101": 49_326_872}  # timm's seresnet50/101, 1000 classes
+
+
+def se_params(channels: list[int]) -> int:
+    """Parameters of one SE gate per block output width c: fc1 (c -> c/16, bias), fc2 (back, bias)."""
+    return sum(2 * c * max(1, c // 16) + max(1, c // 16) + c for c in channels)
+
+
+def test_se_resnet_parameter_counts_and_outputs_match_timm():
+    timm = pytest.importorskip("timm")
+    assert n_params(resnet("seresnet101")) == SE_COUNTS["seresnet101"]
+    ours = resnet("seresnet50")
+    assert n_params(ours) == SE_COUNTS["seresnet50"]
+    theirs = timm.create_model("seresnet50", pretrained=False)
+    assert n_params(theirs) == SE_COUNTS["seresnet50"]
+    randomise_bn(theirs)
+    ours.load_state_dict(theirs.state_dict())  # same names and shapes: timm's weights load as they are
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_se_resnet18_34_use_the_papers_reduction():
+    """16 without timm's rounding to multiples of 8: 4 hidden channels at 64 (timm: 8)."""
+    for name, layers in (("seresnet18", [2, 2, 2, 2]), ("seresnet34", [3, 4, 6, 3])):
+        widths = [w for w, k in zip((64, 128, 256, 512), layers) for _ in range(k)]
+        assert n_params(resnet(name)) == n_params(resnet(name.removeprefix("se"))) + se_params(widths)
+    assert resnet("seresnet18").layer1[0].se.fc1.out_channels == 4
+
+
+@pytest.mark.parametrize("name", ["seresnet34", "seresnet101"])
+def test_se_output_shape(name):
+    with torch.no_grad():
+        assert resnet(name, 7).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+@pytest.mark.parametrize("name, kw", [("seresnet18", {}), ("seresnet50", {}), ("preact_resnet18", {"se": True}),
+                                      ("preact_resnet50", {"se": True}), ("resnet20", {"se": True})])
+def test_se_gradients_reach_every_gate(name, kw):
+    torch.manual_seed(0)
+    model = resnet(name, 7, zero_init_residual=False, **kw).train()
+    gates = [m for m in model.modules() if isinstance(m, train.models.SqueezeExcite)]
+    assert len(gates) == len(model.blocks())
+    out = model(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 7)
+    nn.functional.cross_entropy(out, torch.randint(0, 7, (4,))).backward()
+    assert all(p.grad is not None for g in gates for p in g.parameters())
+    # fc2's bias sees the gradient of every gate; fc1's can be 0 where a hidden ReLU is off for
+    # the whole batch (1 to 4 hidden units in the CIFAR nets)
+    assert all(g.fc2.bias.grad.abs().sum() > 0 for g in gates)
+    assert sum(g.fc1.weight.grad.abs().sum() > 0 for g in gates) >= 0.8 * len(gates)
+
+
+@pytest.mark.parametrize("name, kw", [("seresnet50", {}), ("preact_resnet18", {"se": True})])
+def test_se_blocks_start_as_identity_with_zero_init_residual(name, kw):
+    model = resnet(name, 10, zero_init_residual=True, **kw).train()
+    outs = []
+    hooks = [m.se.register_forward_hook(lambda m, i, o: outs.append(o)) for m in model.blocks()]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert len(outs) == len(model.blocks()) and all(torch.count_nonzero(o) == 0 for o in outs)
+
+
+def test_model_se_option_and_plain_names_keep_torchvision_keys():
+    m = build(ModelConfig(name="resnet50", se=True), 10)
+    assert n_params(m) == n_params(resnet("seresnet50", 10))
+    assert set(resnet("resnet50").state_dict()) == set(torchvision.models.resnet50().state_dict())

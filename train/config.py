@@ -98,6 +98,7 @@ class ModelConfig(Section):
     stem: Literal["auto", "imagenet", "cifar"] = "auto"  # imagenet: 7x7/2 + max-pool; cifar: 3x3/1
     shortcut: Literal["auto", "A", "B", "C"] = "auto"
     stride_in_1x1: bool = False  # True = the paper's ResNet v1, False = v1.5 (torchvision)
+    se: bool = False  # squeeze-and-excitation (Hu et al. 2018) in every block; the seresnet* names imply it
     weights: str = ""  # local .pth (torchvision state_dict or project export)
     freeze_stages: int = 0
     new_classifier: bool = False  # with weights: re-initialise fc (transfer to other classes)

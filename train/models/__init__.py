@@ -17,7 +17,17 @@ import torch
 from torch import nn
 
 from train.config import ConfigError
-from train.models.resnet import ARCHS, BasicBlock, Bottleneck, PreActBlock, PreActBottleneck, ResNet, ShortcutA, resnet
+from train.models.resnet import (
+    ARCHS,
+    BasicBlock,
+    Bottleneck,
+    PreActBlock,
+    PreActBottleneck,
+    ResNet,
+    ShortcutA,
+    SqueezeExcite,
+    resnet,
+)
 
 log = logging.getLogger("resnet")
 
@@ -30,13 +40,13 @@ def _factory(name: str) -> Callable[..., ResNet]:
     make.__name__ = make.__qualname__ = name
     make.__module__ = __name__
     make.__doc__ = (f"{name}: {block.__name__} x {layers}{f', {kwargs}' if kwargs else ''}; `overrides` "
-                    "(stem, shortcut, zero_init_residual, stride_in_1x1, ...) replace the defaults.")
+                    "(stem, shortcut, zero_init_residual, stride_in_1x1, se, ...) replace the defaults.")
     return make
 
 
 globals().update({name: _factory(name) for name in ARCHS})
 __all__ = ["ARCHS", "BasicBlock", "Bottleneck", "PreActBlock", "PreActBottleneck", "ResNet", "ShortcutA",
-           "build", "load_weights", "resnet", *ARCHS]
+           "SqueezeExcite", "build", "load_weights", "resnet", *ARCHS]
 
 
 def load_weights(model: nn.Module, path: str) -> list[str]:
@@ -75,6 +85,8 @@ def build(cfg, num_classes: int) -> ResNet:
         overrides["shortcut"] = cfg.shortcut
     if cfg.stride_in_1x1:
         overrides["stride_in_1x1"] = True
+    if cfg.se:  # squeeze-and-excitation on any name; seresnet* have it already
+        overrides["se"] = True
     try:
         model = resnet(cfg.name, num_classes, **overrides)
     except ValueError as e:

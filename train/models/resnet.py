@@ -8,6 +8,11 @@ Shortcuts (paper, section 4.1):
   B  1x1 conv + BN projection only when the shape changes (torchvision's default)
   C  1x1 conv + BN projection on every block
 A plain network (`residual=False`) has the same layers and no shortcut at all.
+
+`se=True` adds squeeze-and-excitation (Hu et al. 2018, "Squeeze-and-Excitation Networks"): a
+channel gate with reduction 16 on the residual branch, after its last BN (its last conv in the
+pre-activation blocks), before the addition. Module names follow timm's `seresnet*`
+(`layer1.0.se.fc1/fc2`), so timm's SE-ResNet-50/101 state_dicts load unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +30,27 @@ def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc2(relu(fc1(mean_hw(x))))), fc1/fc2 as biased 1x1 convs (channels -> channels
+    // reduction -> channels). The paper's reduction 16 without rounding: timm rounds the hidden
+    width up to a multiple of 8, which differs only below 128 channels (ResNet-18/34's first stage,
+    the CIFAR nets), where timm gives 8 hidden channels and this 4 (or at least 1)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(self.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def squeeze_excite(se: bool, channels: int) -> nn.Module:
+    return SqueezeExcite(channels) if se else nn.Identity()
 
 
 class ShortcutA(nn.Module):
@@ -60,7 +86,7 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, shortcut: str = "B", residual: bool = True,
-                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False):
+                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False, se: bool = False):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
@@ -69,6 +95,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.se = squeeze_excite(se, planes)
         self.downsample = make_shortcut(shortcut, cin, planes, stride) if residual else None
         self.residual = residual
 
@@ -76,7 +103,7 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out = self.se(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -89,7 +116,7 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int = 1, shortcut: str = "B", residual: bool = True,
-                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False):
+                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False, se: bool = False):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -99,6 +126,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.se = squeeze_excite(se, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = make_shortcut(shortcut, cin, planes * self.expansion, stride) if residual else None
         self.residual = residual
@@ -109,7 +137,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.se(self.bn3(self.conv3(out)))
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -125,12 +153,13 @@ class PreActBlock(nn.Module):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, shortcut: str = "B", residual: bool = True,
-                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False):
+                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False, se: bool = False):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = conv3x3(cin, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
+        self.se = squeeze_excite(se, planes)
         self.relu = nn.ReLU(inplace=False)
         self.downsample = make_shortcut(shortcut, cin, planes, stride, preact=True) if residual else None
         self.residual = residual
@@ -140,7 +169,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        out = self.se(self.conv2(self.relu(self.bn2(self.conv1(pre)))))
         if not self.residual:
             return out
         # a projection sees the pre-activated input; an identity the raw one (He et al. 2016)
@@ -154,7 +183,7 @@ class PreActBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int = 1, shortcut: str = "B", residual: bool = True,
-                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False):
+                 groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False, se: bool = False):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -166,6 +195,7 @@ class PreActBottleneck(nn.Module):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.relu = nn.ReLU(inplace=False)
         cout = planes * self.expansion
+        self.se = squeeze_excite(se, cout)
         self.downsample = make_shortcut(shortcut, cin, cout, stride, preact=True) if residual else None
         self.residual = residual
 
@@ -176,7 +206,7 @@ class PreActBottleneck(nn.Module):
         pre = self.relu(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
+        out = self.se(self.conv3(self.relu(self.bn3(out))))
         if not self.residual:
             return out
         return out + (x if self.downsample is None else self.downsample(pre))
@@ -193,7 +223,7 @@ class ResNet(nn.Module):
     def __init__(self, block: type[nn.Module], layers: Sequence[int], num_classes: int = 1000,
                  widths: Sequence[int] = (64, 128, 256, 512), stem: str = "imagenet", stem_width: int | None = None,
                  shortcut: str = "B", residual: bool = True, zero_init_residual: bool = False,
-                 groups: int = 1, width_per_group: int = 64, stride_in_1x1: bool = False):
+                 groups: int = 1, width_per_group: int = 64, stride_in_1x1: bool = False, se: bool = False):
         super().__init__()
         self.preact = block in (PreActBlock, PreActBottleneck)
         stem_width = stem_width or widths[0]
@@ -215,7 +245,8 @@ class ResNet(nn.Module):
             stage = []
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                stage.append(block(cin, width, stride, shortcut, residual, groups, width_per_group, stride_in_1x1))
+                stage.append(block(cin, width, stride, shortcut, residual, groups, width_per_group, stride_in_1x1,
+                                   se=se))
                 cin = width * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             self.stage_names.append(f"layer{i + 1}")
@@ -311,6 +342,11 @@ ARCHS: dict[str, tuple[type[nn.Module], list[int], dict]] = {
     "cifar_resnet18": (BasicBlock, [2, 2, 2, 2], {"stem": "cifar"}),
     "cifar_resnet34": (BasicBlock, [3, 4, 6, 3], {"stem": "cifar"}),
     "cifar_resnet50": (Bottleneck, [3, 4, 6, 3], {"stem": "cifar"}),
+    # squeeze-and-excitation (Hu et al. 2018): timm's seresnet* layout (torchvision has none)
+    "seresnet18": (BasicBlock, [2, 2, 2, 2], {"se": True}),
+    "seresnet34": (BasicBlock, [3, 4, 6, 3], {"se": True}),
+    "seresnet50": (Bottleneck, [3, 4, 6, 3], {"se": True}),
+    "seresnet101": (Bottleneck, [3, 4, 23, 3], {"se": True}),
 }
 for _d in (20, 32, 44, 56, 110, 1202):  # the paper's CIFAR-10 nets (table 6): option A, 16/32/64
     ARCHS[f"resnet{_d}"] = (BasicBlock, _cifar_depth(_d), {"stem": "cifar", "widths": CIFAR_WIDTHS, "shortcut": "A"})
