@@ -120,6 +120,11 @@ class OptimConfig(Section):
     weight_decay: float = 1e-4
     bn_weight_decay: bool = False  # False: no decay on BN and bias parameters
     label_smoothing: float = 0.0
+    # training loss (train/losses.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
+    # on the (soft) targets, as timm's BinaryCrossEntropy in "ResNet strikes back"
+    loss: Literal["ce", "bce"] = "ce"
+    bce_target_threshold: float = 0.0  # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
+    bce_sum: bool = False  # bce: sum over classes, mean over batch (timm --bce-sum); False: mean of both (timm)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
 
@@ -130,6 +135,8 @@ class OptimConfig(Section):
             raise ConfigError(f"{prefix}lr: must be > 0, got 0")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.bce_target_threshold < 1:
+            raise ConfigError(f"{prefix}bce_target_threshold: must be in [0, 1), got {self.bce_target_threshold}")
 
 
 @dataclass
