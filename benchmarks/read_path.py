@@ -5,11 +5,12 @@
 
 Every row reads with the loaders' own code, in the epoch's shuffled global order (data.sampler):
 `torch worker` is what one DataLoader worker does per sample before decoding (`Split.read_bytes`
-through `folder.first_readable`'s split, one thread per process); `DALI feed` is the DALI
-loader's `Feed` (its thread pool of `--threads`, one batch after another, no pipeline); the two
-`DALI pipeline` rows run a pipeline whose only operator is the external source, fed either by
-that batch-mode `Feed` or by DALI's parallel external source (`parallel=True`, `--threads` worker
-processes, a per-sample callback mapping the sample's position to our planned order). Cold rows
+as `folder.first_readable` calls it, one thread per process); `DALI feed` is the DALI
+loader's `Feed` (its thread pool of `--threads`, one batch after another, no pipeline); the
+`DALI pipeline` rows run a pipeline whose only operator is the external source, fed by that
+batch-mode `Feed`, by DALI's parallel external source (`parallel=True`, `--threads` worker
+processes, a per-sample callback mapping the sample's position to our planned order), or by one
+batch read once and handed over again (`no reading`: what DALI's own intake costs). Cold rows
 drop the page cache of every file first (`posix_fadvise(DONTNEED)` per file, no root needed;
 the dentry/inode caches stay warm, so a cold folder read here still skips the metadata round
 trips that dominate on Lustre/NFS); warm rows read everything once before timing. Rows alternate
@@ -126,16 +127,30 @@ class SampleSource:
         return self.split.read_bytes(i), np.array(self.split.label(i), dtype=np.int64), np.array(i, dtype=np.int64)
 
 
-def dali_pipeline(split, keys, batch, threads, parallel: bool) -> float:
+class Preread:
+    """The ceiling of a batch-mode feed: the bytes of one batch read once and handed over again."""
+
+    def __init__(self, split, keys, batch):
+        reads = keys[:batch].tolist()
+        self.out = ([split.read_bytes(i) for i in reads], np.array([split.label(i) for i in reads], dtype=np.int64),
+                    np.asarray(reads, dtype=np.int64))
+
+    def __call__(self):
+        return self.out
+
+
+def dali_pipeline(split, keys, batch, threads, mode: str) -> float:
     from nvidia.dali import fn, pipeline_def, types
 
     from data import dali
 
     dtypes = [types.UINT8, types.INT64, types.INT64]
     feed = None
-    if parallel:
+    if mode == "parallel":
         source, extra = SampleSource(split, keys), dict(batch=False, parallel=True)
         kw = dict(py_num_workers=threads, py_start_method="fork")
+    elif mode == "no reading":
+        source, extra, kw = Preread(split, keys, batch), dict(batch=True), {}
     else:
         feed = dali.Feed(split, np.arange(len(split)), plan(keys, batch), threads, sized=False)
         source, extra, kw = feed, dict(batch=True), {}
@@ -171,6 +186,7 @@ def main() -> None:
     p.add_argument("--demo", default=str(ROOT / "datasets/fashion-mnist"), help="source JPEG folders")
     p.add_argument("--jpegs", default="", help="where the upscaled copy goes (default /tmp/imagenet-like-<images>)")
     p.add_argument("--no-dali", action="store_true", help="skip the DALI rows")
+    p.add_argument("--only", default="", help="only the rows whose read path contains this text, e.g. pipeline")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -197,8 +213,9 @@ def main() -> None:
         readers[f"DALI feed ({args.threads} threads)"] = dali_feed
     rows = [(reader, kind, cache) for reader in readers for cache in ("cold", "warm") for kind in splits]
     if has_dali:
-        for mode in ("batch Feed", "parallel"):
+        for mode in ("batch Feed", "parallel", "no reading"):
             rows += [(f"DALI pipeline, {mode}", kind, "warm") for kind in splits]
+    rows = [row for row in rows if args.only in row[0]]
     rates: dict[tuple, list[float]] = {row: [] for row in rows}
     for r in range(args.repeats):
         for row in rows if r % 2 == 0 else rows[::-1]:
@@ -209,7 +226,7 @@ def main() -> None:
             else:
                 torch_worker(split, keys, args.batch, 1)  # into the page cache
             if reader.startswith("DALI pipeline"):
-                rate = dali_pipeline(split, keys, args.batch, args.threads, parallel="parallel" in reader)
+                rate = dali_pipeline(split, keys, args.batch, args.threads, mode=reader.split(", ")[1])
             else:
                 rate = readers[reader](split, keys, args.batch, args.threads)
             rates[row].append(rate)
