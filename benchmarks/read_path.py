@@ -187,6 +187,7 @@ def main() -> None:
     p.add_argument("--jpegs", default="", help="where the upscaled copy goes (default /tmp/imagenet-like-<images>)")
     p.add_argument("--no-dali", action="store_true", help="skip the DALI rows")
     p.add_argument("--only", default="", help="only the rows whose read path contains this text, e.g. pipeline")
+    p.add_argument("--stage", action="store_true", help="also time data.stage_dir copies of both, cold source cache")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -238,7 +239,31 @@ def main() -> None:
         f, pk = (statistics.median(rates[(reader, kind, cache)]) for kind in ("folder", "packed"))
         goal = f"  goal {GOAL:,}/process: {'met' if pk >= GOAL else 'NOT met'}"
         print(f"{reader:<30} {cache:<5} {f:10.0f} {pk:10.0f}  {pk / f:6.2f}x{goal}")
+    if args.stage:
+        stage_times(src, packed_root, args.repeats)
     print(f"load average {os.getloadavg()[0]:.1f} (other work on the machine lowers every row)")
+
+
+def stage_times(src: Path, packed_root: Path, repeats: int) -> None:
+    """Seconds of `data.stage.stage` (copy + checks) for the folder and the packed copy."""
+    import shutil
+    import tempfile
+
+    from data import stage
+
+    roots, secs = {"folder": src, "packed": packed_root}, {"folder": [], "packed": []}
+    for r in range(repeats):
+        for kind in ("folder", "packed") if r % 2 == 0 else ("packed", "folder"):
+            drop_cache([str(p) for p in roots[kind].rglob("*") if p.is_file()])
+            with tempfile.TemporaryDirectory(dir=src.parent) as tmp:  # same disk as the data
+                t0 = time.perf_counter()
+                s = stage.stage(roots[kind], tmp)
+                secs[kind].append(time.perf_counter() - t0)
+                files, size = len(stage.manifest(roots[kind]).files), s.bytes
+                shutil.rmtree(s.path)
+            print(f"stage {kind:<6} {files:6d} files {size / 2**20:7.1f} MiB  {secs[kind][-1]:6.2f} s", flush=True)
+    f, pk = (statistics.median(secs[k]) for k in ("folder", "packed"))
+    print(f"staging (copy + checks, cold source): folder {f:.2f} s, packed {pk:.2f} s: packed {f / pk:.1f}x faster")
 
 
 if __name__ == "__main__":
