@@ -4,6 +4,22 @@
         --partition gpu --time 72:00:00 data.root=/data/imagenet
     python slurm/submit.py ... --dry-run     # print the sbatch script, submit nothing
     python slurm/submit.py ... --local       # submitit's local executor (no SLURM), e.g. 2 CPU tasks
+    python slurm/submit.py ... --sweep optim.lr=0.1,0.2 --sweep train.seed=0,1 --array-parallelism 2
+
+Sweeps: each `--sweep KEY=V1,V2,...` is one axis of a grid; the grid is one Submitit job array
+(one array task per point, at most --array-parallelism running at once), and point i trains in
+its own run dir `<log.name>-<key><value>-...` (e.g. `imagenet_resnet50-lr0.1-seed1`: the last
+part of each key, or lr/bs/wd/... for the common ones; characters other than letters, digits and
+`.+-` become `_`). Every point's config is validated before anything is queued. Each array task
+is requeued on its own (`scontrol requeue <job>_<i>`), so preemption and time limits work per
+point as for a single job. The array's logs are in `<log.dir>/<log.name>-sweep/<job>_<i>/`,
+and `<log.dir>/<log.name>-sweep/sweep.json` maps array index -> run name and overrides.
+
+CPU binding (--numa-binding, default node; slurm/binding.py): each task binds itself for its
+local rank before training, with torch.numa.binding on GPU nodes (what `torchrun --numa-binding`
+does for its workers), or to an exclusive share of the node's CPUs on CPU-only nodes; its
+intra-op threads (OMP_NUM_THREADS) then come from that share. `off` leaves the affinity alone,
+as does a task srun already bound (--cpu-bind).
 
 Checked here, before anything is queued (one `error: ...` line on stderr, exit code 2):
   * the config and the overrides (unknown key, wrong type, invalid value), with train.config.load.
@@ -16,7 +32,8 @@ Checked here, before anything is queued (one `error: ...` line on stderr, exit c
     A rejection by the real `sbatch` is reported the same way.
 
 Every task runs `train.main.main([--config, C, *overrides, train.resume=auto])` in the submitit
-process, with MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK exported from the SLURM environment.
+process, with MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK exported from the SLURM environment
+(MASTER_ADDR: the first node's NodeAddr, which resolves even where its NodeName does not).
 Logs go to <run dir>/slurm/; TensorBoard reads <run dir>.
 
 Preemption / time limit, and who does what (submitit 1.5):
@@ -44,7 +61,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -59,6 +79,7 @@ if str(ROOT) not in sys.path:  # `python slurm/submit.py`: make `train` and `slu
     sys.path.insert(0, str(ROOT))
 
 REQUEUE_EXIT_CODE = 3  # train.trainer.REQUEUE_EXIT_CODE (not imported: that pulls in torch)
+from slurm.binding import MODES  # noqa: E402  (no torch import)
 
 
 def _job_state(job_id: str) -> str:
@@ -74,9 +95,11 @@ def _job_state(job_id: str) -> str:
     return ""
 
 
-def default_threads() -> int:
-    """CPUs of this task: SLURM's --cpus-per-task, else the CPUs it may run on shared by the
-    node's tasks (without a task/affinity plugin every task sees the whole node)."""
+def default_threads(bound: set[int] | None = None) -> int:
+    """CPUs of this task: those it was bound to, else SLURM's --cpus-per-task, else the CPUs it may
+    run on shared by the node's tasks (without a task/affinity plugin every task sees the whole node)."""
+    if bound:
+        return len(bound)
     per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if per_task.isdigit() and int(per_task) > 0:
         return int(per_task)
@@ -93,9 +116,10 @@ def requeue_signal(env) -> signal.Signals:
 class Trainer:
     """The submitit callable: one instance per task; `checkpoint()` makes the requeued run."""
 
-    def __init__(self, config: str | None, overrides: list[str]):
+    def __init__(self, config: str | None, overrides: list[str], numa_binding: str = "node"):
         self.config = config
         self.overrides = list(overrides)
+        self.numa_binding = numa_binding
 
     def argv(self) -> list[str]:
         argv = ["--config", self.config] if self.config else []
@@ -104,15 +128,26 @@ class Trainer:
     def __call__(self):
         import submitit
 
+        from slurm import binding
+
         env = submitit.JobEnvironment()
         # CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node): the trainer picks
         # cuda:LOCAL_RANK. overwrite: sbatch exports the submitting shell's environment.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        # intra-op threads per task: set before torch is imported (the OpenMP runtime reads it
-        # once). sbatch exports the submitting shell's environment, so a value set there wins.
-        os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                          overwrite=True)
+        if env.cluster == "slurm":  # the first node's NodeName need not resolve; its NodeAddr does
+            from train.distributed import slurm_node_address
+
+            os.environ["MASTER_ADDR"] = slurm_node_address(dist_env.master_addr)
+        bound = binding.bind(self.numa_binding, dist_env.local_rank, dist_env.local_world_size)
+        # intra-op threads per task, from its CPUs (the trainer keeps a value other than 1; with 1
+        # it takes its share of the affinity mask). sbatch exports the submitting shell's
+        # environment, so a value set there wins.
+        os.environ.setdefault("OMP_NUM_THREADS", str(default_threads(bound)))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
-        print(f"[submit] {env} restart {restarts}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}: "
+        cpus = binding.format_cpu_list(os.sched_getaffinity(0))
+        print(f"[submit] {env} restart {restarts}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
+              f"MASTER_ADDR={os.environ['MASTER_ADDR']}, CPUs {cpus} ({'bound' if bound else 'not bound'}): "
               f"train/main.py {shlex.join(self.argv())}", flush=True)
 
         usr_sig = requeue_signal(env)
@@ -170,7 +205,7 @@ class Trainer:
         import submitit
 
         print("[submit] requeueing: the next run resumes from the latest checkpoint", flush=True)
-        return submitit.helpers.DelayedSubmission(Trainer(self.config, self.overrides))
+        return submitit.helpers.DelayedSubmission(Trainer(self.config, self.overrides, self.numa_binding))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,12 +226,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which SLURM sends USR2 (save and requeue)")
     p.add_argument("--max-requeues", type=int, default=20, help="submitit's limit on time-out requeues")
+    p.add_argument("--numa-binding", default="node", choices=MODES,
+                   help="bind each task for its local rank: torchrun's --numa-binding modes on GPU nodes "
+                        "(torch.numa.binding); on CPU-only nodes any mode but off gives each task an exclusive "
+                        "share of the node's CPUs (default node)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a grid axis (repeat for more): submit a job array, one run dir per point")
+    p.add_argument("--array-parallelism", type=int, default=0,
+                   help="array tasks of a sweep running at once (default: all)")
     p.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("--check-data", action="store_true",
                    help="require data.root to exist on this machine too (default: a warning; the job checks it)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.4")
     return p.parse_intermixed_args(argv)  # options may follow the overrides
+
+
+SHORT_KEYS = {"optim.lr": "lr", "data.global_batch": "bs", "data.batch_size": "b", "optim.weight_decay": "wd",
+              "optim.momentum": "mom", "train.epochs": "ep", "train.seed": "seed", "model.name": ""}
+
+
+def split_values(text: str) -> list[str]:
+    """'0.1,0.2' -> ['0.1', '0.2']; commas inside [...] or {...} stay ('[30,60],[50,80]')."""
+    values, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*values, cur]
+
+
+def sweep_points(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """The grid of `--sweep KEY=V1,V2` axes, in order (the first axis varies slowest): a list of
+    (run-name suffix, overrides), e.g. ('lr0.1-seed1', ['optim.lr=0.1', 'train.seed=1'])."""
+    axes: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        key, eq, values = spec.partition("=")
+        key = key.strip()
+        vals = [v.strip() for v in split_values(values)]
+        if not eq or not key or not all(vals):
+            fail(f"--sweep {spec!r}: expected KEY=V1,V2,... (e.g. optim.lr=0.1,0.2)")
+        if key in (k for k, _ in axes):
+            fail(f"--sweep: {key} given twice; list all its values in one --sweep")
+        if key in ("log.name", "log.dir"):
+            fail(f"--sweep: {key} cannot be swept (every point gets its own run dir under log.dir)")
+        axes.append((key, vals))
+    points = []
+    for combo in itertools.product(*(vals for _, vals in axes)):
+        parts = [SHORT_KEYS.get(key, key.rsplit(".", 1)[-1]) + re.sub(r"[^A-Za-z0-9.+-]", "_", v)
+                 for (key, _), v in zip(axes, combo, strict=True)]
+        points.append(("-".join(parts), [f"{key}={v}" for (key, _), v in zip(axes, combo, strict=True)]))
+    names = [name for name, _ in points]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        fail(f"--sweep: two points would share the run name suffix '{dup}'; use values that differ "
+             "in letters or digits")
+    return points
 
 
 def time_to_minutes(t: str) -> int:
@@ -214,8 +303,9 @@ def time_to_minutes(t: str) -> int:
     return days * 1440 + h * 60 + m + (1 if s else 0)
 
 
-def make_executor(args: argparse.Namespace, folder: Path, name: str):
-    """submitit's SlurmExecutor (parameters in sbatch's own names), or its LocalExecutor for --local."""
+def make_executor(args: argparse.Namespace, folder: Path, name: str, array: int = 0):
+    """submitit's SlurmExecutor (parameters in sbatch's own names), or its LocalExecutor for --local;
+    `array`: the number of points of a sweep (a job array)."""
     import submitit
 
     gpus = max(args.gpus_per_node, 0)
@@ -236,6 +326,8 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str):
     if args.cpus_per_task:
         params["cpus_per_task"] = args.cpus_per_task
     params["signal_delay_s"] = args.signal_delay
+    if array and args.array_parallelism:
+        params["array_parallelism"] = args.array_parallelism
     # jobs must find `train` and `slurm` wherever the job's working directory is
     params["setup"] = [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if args.partition:
@@ -270,10 +362,17 @@ def script_only_slurm_executor() -> type:
     return ScriptOnlySlurmExecutor
 
 
-def sbatch_script(executor) -> str:
-    """The batch script `executor.submit` would write and pass to sbatch, from submitit's own
-    generator. Private API: submitit (1.5) has no public call for it (the script exists only
-    inside `submit`); these two names are the whole dependency, pinned by tests/test_slurm.py."""
+def sbatch_script(executor, array: int = 0) -> str:
+    """The batch script `executor.submit` (or, for `array` points, `submit_array`) would write and
+    pass to sbatch, from submitit's own generator. Private API: submitit (1.5) has no public call
+    for it (the script exists only inside `submit`); these two names and the `map_count` parameter
+    that `submit_array` sets on a copy of the executor are the whole dependency, pinned by
+    tests/test_slurm.py."""
+    if array:
+        copy = type(executor)(folder=executor.folder, max_num_timeout=executor.max_num_timeout)
+        copy.update_parameters(**executor.parameters)
+        copy.parameters["map_count"] = array
+        executor = copy
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
@@ -293,10 +392,12 @@ def _sbatch_error(stderr: str) -> str:
     return msg
 
 
-def describe(args: argparse.Namespace) -> str:
+def describe(args: argparse.Namespace, array: int = 0) -> str:
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     parts = [f"partition '{args.partition}'" if args.partition else "default partition",
              f"{args.nodes} node(s) x {tasks} task(s)"]
+    if array:
+        parts.insert(0, f"array of {array}" + (f", {args.array_parallelism} at once" if args.array_parallelism else ""))
     if args.gpus_per_node:
         parts.append(f"{args.gpus_per_node} GPU(s)/node")
     if args.cpus_per_task:
@@ -304,14 +405,14 @@ def describe(args: argparse.Namespace) -> str:
     return ", ".join(parts) + f", time {args.time}"
 
 
-def check_request(executor, what: str) -> None:
+def check_request(executor, what: str, array: int = 0) -> None:
     """`sbatch --test-only` on the exact script submitit would submit: SLURM validates the request
-    (partition, node/CPU/GPU counts, time limit, account, QOS) and queues nothing."""
+    (partition, node/CPU/GPU counts, time limit, account, QOS, array) and queues nothing."""
     if shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: not a SLURM login node? (--local runs without SLURM; "
                           "--dry-run prints the batch script)")
     try:
-        r = subprocess.run(["sbatch", "--test-only"], input=sbatch_script(executor), capture_output=True,
+        r = subprocess.run(["sbatch", "--test-only"], input=sbatch_script(executor, array), capture_output=True,
                            text=True, timeout=120)
     except subprocess.TimeoutExpired:
         raise SubmitError("sbatch --test-only did not answer in 120 s: is slurmctld up?") from None
@@ -319,9 +420,9 @@ def check_request(executor, what: str) -> None:
         raise SubmitError(f"SLURM rejected the job ({what}): {_sbatch_error(r.stderr or r.stdout)}")
 
 
-def submit_job(executor, trainer: Trainer, what: str):
-    """executor.submit with sbatch's rejection as a SubmitError (submitit would print the whole
-    stderr and raise FailedJobError with it)."""
+def submit_job(executor, trainer: Trainer | list[Trainer], what: str):
+    """executor.submit (a list: submit_array, a job array; returns the list of jobs) with sbatch's
+    rejection as a SubmitError (submitit would print the whole stderr and raise FailedJobError)."""
     import io
 
     from submitit.core.utils import FailedJobError
@@ -329,7 +430,7 @@ def submit_job(executor, trainer: Trainer, what: str):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            job = executor.submit(trainer)
+            job = executor.submit_array(trainer) if isinstance(trainer, list) else executor.submit(trainer)
         sys.stderr.write(captured.getvalue())  # warnings, if any
         return job
     except FailedJobError as e:
@@ -343,14 +444,15 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def load_config(args: argparse.Namespace):
-    """The run's Config, validated here so that a typo fails now, not in the queue."""
+def load_config(args: argparse.Namespace, extra: list[str] = (), point: str = ""):
+    """The run's Config, validated here so that a typo fails now, not in the queue; `extra`: a
+    sweep point's overrides (`point` names it in an error)."""
     from train import config as config_lib
 
     try:
-        cfg = config_lib.load(args.config, args.overrides, check_data=args.check_data)
+        cfg = config_lib.load(args.config, [*args.overrides, *extra], check_data=args.check_data)
     except config_lib.ConfigError as e:
-        fail(f"config: {e}")
+        fail(f"config{f' (sweep point {point})' if point else ''}: {e}")
     if cfg.data.loader != "synthetic":
         if not cfg.data.root:  # not a matter of where the data is mounted: always wrong
             fail("config: data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
@@ -362,6 +464,8 @@ def load_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    if args.sweep:
+        return main_sweep(args)
     cfg = load_config(args)
     run_dir = cfg.run_dir.resolve()
     # pin the run dir and the config path: the job may start in another working directory
@@ -373,7 +477,7 @@ def main(argv: list[str] | None = None):
 
     if args.dry_run:
         print(f"run dir: {run_dir}")
-        print(f"job: {Trainer(config, overrides).argv()}")
+        print(f"job: {Trainer(config, overrides, args.numa_binding).argv()}")
         print(f"parameters: {executor.parameters}")
         print("sbatch script:")
         print(sbatch_script(executor))
@@ -383,7 +487,7 @@ def main(argv: list[str] | None = None):
     try:
         if not args.local:
             check_request(executor, describe(args))  # before submitit writes anything into the run dir
-        job = submit_job(executor, Trainer(config, overrides), describe(args))
+        job = submit_job(executor, Trainer(config, overrides, args.numa_binding), describe(args))
     except SubmitError as e:
         if created is not None:  # what submitit wrote for a job that was never queued (pickle, script)
             shutil.rmtree(created, ignore_errors=True)
@@ -402,6 +506,66 @@ def main(argv: list[str] | None = None):
             raise
         print(f"done: {result.get('steps')} steps, top-1 {result.get('final_top1'):.2f} %")
     return job
+
+
+def main_sweep(args: argparse.Namespace):
+    """--sweep: one job array, one run dir per grid point (see the module docstring)."""
+    base = load_config(args).run_dir.resolve()
+    points = sweep_points(args.sweep)
+    config = str(Path(args.config).resolve()) if args.config else None
+    runs, trainers = [], []
+    for suffix, extra in points:
+        run = base.with_name(f"{base.name}-{suffix}")
+        load_config(args, [*extra, f"log.name={run.name}"], point=suffix)
+        overrides = [*args.overrides, *extra, f"log.dir={run.parent}", f"log.name={run.name}"]
+        runs.append((run, extra))
+        trainers.append(Trainer(config, overrides, args.numa_binding))
+    folder = base.with_name(f"{base.name}-sweep")
+    name = args.job_name or base.name
+    n = len(points)
+    executor = make_executor(args, folder if args.local else folder / "%j", name, array=n)
+    if args.dry_run:
+        print(f"sweep: {n} point(s), array job")
+        for i, ((run, extra), trainer) in enumerate(zip(runs, trainers, strict=True)):
+            print(f"  [{i}] run dir: {run}  ({' '.join(extra)})")
+            print(f"      job: {trainer.argv()}")
+        print(f"parameters: {executor.parameters}")
+        print("sbatch script:")
+        print(sbatch_script(executor, array=0 if args.local else n))
+        return None
+
+    created = next((d for d in (*reversed(folder.parents), folder) if not d.exists()), None)
+    what = describe(args, array=n)
+    try:
+        if not args.local:
+            check_request(executor, what, array=n)
+        jobs = submit_job(executor, trainers, what)
+    except SubmitError as e:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        fail(str(e))
+    array_id = jobs[0].job_id.split("_")[0]
+    (folder / "sweep.json").write_text(json.dumps(
+        {"job": array_id, "config": config, "points": [
+            {"index": i, "job": job.job_id, "run_dir": str(run), "overrides": extra}
+            for i, (job, (run, extra)) in enumerate(zip(jobs, runs, strict=True))]}, indent=1) + "\n")
+    print(f"submitted array job {array_id} ({'local' if args.local else 'slurm'}, {n} points): {name}")
+    for job, (run, extra) in zip(jobs, runs, strict=True):
+        print(f"  {job.job_id}: {run}  ({' '.join(extra)})")
+        print(f"    stdout: {job.paths.stdout}")
+    print(f"  sweep: {folder / 'sweep.json'}")
+    print(f"  tensorboard --logdir {base.parent}")
+    if args.local:
+        print("waiting for the local jobs (Ctrl-C cancels them)", flush=True)
+        try:
+            for job, (run, _) in zip(jobs, runs, strict=True):
+                result = job.results()[0]
+                print(f"done: {run.name}: {result.get('steps')} steps, top-1 {result.get('final_top1'):.2f} %")
+        except KeyboardInterrupt:
+            for job in jobs:
+                job.cancel()
+            raise
+    return jobs
 
 
 if __name__ == "__main__":

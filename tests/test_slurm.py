@@ -1,7 +1,10 @@
-"""SLURM bars on a real single-node cluster (slurm/cluster.sh): submitit and sbatch jobs of 2 CPU
-ranks run to the end; a preempted job saves, requeues itself, resumes where it stopped and ends
-with the same weights, bit for bit, as an uninterrupted torchrun run of the same config; a bad
-config or a request SLURM cannot satisfy fails in slurm/submit.py with one line, nothing queued.
+"""SLURM bars on a real cluster of two nodes on this one machine (slurm/cluster.sh: n1 and n2, both
+127.0.0.1): submitit and sbatch jobs of 2 CPU ranks run to the end, on one node or one rank per
+node; a preempted job saves, requeues itself, resumes where it stopped and ends with the same
+weights as an uninterrupted single-node torchrun run of the same config (bit for bit on one
+node, allclose on two); each local rank is bound to its own share of the node's CPUs; a sweep is
+a job array with one run dir per point, each point requeued on its own; a bad config or a
+request SLURM cannot satisfy fails in slurm/submit.py with one line, nothing queued.
 
     .venv/bin/python -m pytest tests/test_slurm.py -q -m slurm
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slurm import binding
 from tests.conftest import ROOT, run_trainer
 from train.export import model_state_dict
 
@@ -66,10 +70,11 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     return model_state_dict(tmp / "runs/ref")
 
 
-def assert_same_weights(reference: dict[str, torch.Tensor], run: Path) -> None:
+def assert_same_weights(reference: dict[str, torch.Tensor], run: Path, exact: bool = True) -> None:
     got = model_state_dict(run)
     assert got.keys() == reference.keys()
-    differ = [k for k in reference if not torch.equal(reference[k], got[k])]
+    same = torch.equal if exact else (lambda a, b: torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6))
+    differ = [k for k in reference if not same(reference[k], got[k])]
     assert not differ, f"{len(differ)}/{len(reference)} tensors differ from the uninterrupted run: {differ[:5]}"
 
 
@@ -168,6 +173,16 @@ def test_submitit_job_runs_to_completion(cluster, tmp_path):
     with open(run / "slurm" / job / f"{job}_0_result.pkl", "rb") as f:  # what job.result() reads
         status, result = pickle.load(f)
     assert status == "success" and result["steps"] == 12
+    # --numa-binding node (the default) on a CPU-only node: each task its own share of the CPUs
+    shares = [submit_cpus(read(log.with_name(f"{job}_{task}_log.out"))) for task in (0, 1)]
+    assert all(shares) and not shares[0] & shares[1], shares
+    assert shares[0] | shares[1] == os.sched_getaffinity(0), shares
+
+
+def submit_cpus(task_log: str) -> set[int]:
+    """The CPUs a submitit task ran on, from its '[submit] ... CPUs 0 (bound)' line ({} if not bound)."""
+    m = re.search(r"CPUs (\S+) \(bound\)", task_log)
+    return binding.parse_cpu_list(m.group(1)) if m else set()
 
 
 def test_submitit_preemption_saves_requeues_and_resumes(cluster, reference, tmp_path):
@@ -187,7 +202,7 @@ def test_submitit_preemption_saves_requeues_and_resumes(cluster, reference, tmp_
     assert "Requeued job" in text and "restart 1," in text
     for task in (0, 1):  # both runs of both tasks had 1 thread, as the reference
         task_log = read(log.with_name(f"{job}_{task}_log.out"))
-        assert re.findall(r"restart (\d), OMP_NUM_THREADS=1:", task_log) == ["0", "1"], task_log[-3000:]
+        assert re.findall(r"restart (\d), OMP_NUM_THREADS=1,", task_log) == ["0", "1"], task_log[-3000:]
     m = re.search(r"resumed from \S+step_(\d+): epoch 1, step (\d+)", text)
     assert m, text[-4000:]
     assert int(m.group(1)) == int(m.group(2)) == saved  # resumed at the saved step, not from scratch
@@ -236,6 +251,218 @@ def test_sbatch_usr1_saves_requeues_and_resumes(cluster, reference, tmp_path):
     assert summary(run)["steps"] == steps and summary(run)["world_size"] == 2
     assert "training exited with code 0" in text
     assert_same_weights(reference, run)
+    # no GPU: each worker of each run bound to its own share of the node's CPUs (slurm/binding.py)
+    for restart in text.split("restart 1:"):
+        shares = sbatch_cpus(restart)
+        assert set(shares) == {("n1", 0), ("n1", 1)}, shares
+        assert not shares["n1", 0] & shares["n1", 1] and shares["n1", 0] | shares["n1", 1] == os.sched_getaffinity(0)
+
+
+def sbatch_cpus(text: str) -> dict[tuple[str, int], set[int]]:
+    """(node, local rank) -> CPUs, from slurm/binding.py's '[binding] n1 local rank 0/2: CPUs 0 of 0-1'."""
+    return {(node, int(rank)): binding.parse_cpu_list(cpus)
+            for node, rank, cpus in re.findall(r"\[binding\] (\S+) local rank (\d+)/\d+: CPUs (\S+) of", text)}
+
+
+def test_sbatch_two_nodes_usr1_requeues_and_matches_one_node(cluster, reference, tmp_path):
+    """`sbatch --nodes=2`: one torchrun per node (n1, n2: both 127.0.0.1), one worker each, a c10d
+    rendezvous at n1's NodeAddr; preempted, requeued, resumed: the weights of the uninterrupted
+    single-node 2-rank run."""
+    steps = PREEMPT_STEPS
+    cfg = tiny_config(tmp_path, steps=steps)
+    log = tmp_path / "sbatch2.out"
+    env = {**os.environ, **JOB_ENV, "CONFIG": str(cfg), "GPUS": "1", "PYTHON": sys.executable,
+           "RDZV_PORT": str(free_port())}
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                        "--cpus-per-task=1", f"--output={log}", "--time=10", "slurm/train.sbatch", "log.name=sb2",
+                        "dist.cpu_threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    run = tmp_path / "runs/sb2"
+    wait_for(lambda: logged_step(log) >= 6, 120, "training to start", poll=0.1)
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True)
+    info = wait_done(job, log)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NumNodes"] == "2", text[-4000:]
+    header = r"restart \d: 2 node\(s\) x 1 workers, OMP_NUM_THREADS=1, rendezvous 127\.0\.0\.1:"
+    assert len(re.findall(header, text)) == 2, text[-4000:]  # n1's NodeAddr: "n1" itself does not resolve
+    saved = int(re.search(r"\[rank0\] saved step (\d+); exiting with code 3", text).group(1))
+    assert 6 <= saved < steps
+    assert len(re.findall(r"all 1 workers saved a checkpoint and exited with code 3", text)) == 2, text[-4000:]
+    for run_text in text.split("restart 1:"):  # one worker per node, each on its node's CPUs
+        assert set(sbatch_cpus(run_text)) == {("n1", 0), ("n2", 0)}, run_text[-3000:]
+    m = re.search(r"resumed from \S+step_(\d+): epoch 1, step (\d+)", text)
+    assert m and int(m.group(1)) == int(m.group(2)) == saved, text[-4000:]
+    assert summary(run)["steps"] == steps and summary(run)["world_size"] == 2
+    assert "training exited with code 0" in text
+    assert_same_weights(reference, run, exact=False)
+
+
+def test_submitit_two_nodes_preemption_matches_one_node(cluster, reference, tmp_path):
+    """`submit.py --nodes 2 --tasks-per-node 1`: one task per node, MASTER_ADDR is n1's NodeAddr
+    (n1 does not resolve); USR2, save, requeue, resume: the single-node run's weights."""
+    steps = PREEMPT_STEPS
+    cfg = tiny_config(tmp_path, steps=steps)
+    job, _ = submit(cfg, "log.name=pre2", "dist.cpu_threads=1", extra=("--nodes", "2", "--tasks-per-node", "1"))
+    run = tmp_path / "runs/pre2"
+    log = run / "slurm" / job / f"{job}_0_log.out"
+    wait_for(lambda: logged_step(log) >= 6, 120, "training to start", poll=0.1)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    info = wait_done(job, log)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert info["NumNodes"] == "2" and info["NumTasks"] == "2"
+    for task in (0, 1):
+        task_log = read(log.with_name(f"{job}_{task}_log.out"))
+        assert len(re.findall(rf"node={task}\(2\), global_rank={task}\(2\)\) restart \d, OMP_NUM_THREADS=1, "
+                              r"MASTER_ADDR=127\.0\.0\.1,", task_log)) == 2, task_log[-3000:]
+    saved = int(re.search(r"saved step (\d+); exiting with code 3", text).group(1))
+    assert 6 <= saved < steps and "Requeued job" in text
+    m = re.search(r"resumed from \S+step_(\d+): epoch 1, step (\d+)", text)
+    assert m and int(m.group(1)) == int(m.group(2)) == saved, text[-4000:]
+    assert summary(run)["steps"] == steps and summary(run)["world_size"] == 2
+    assert_same_weights(reference, run, exact=False)
+
+
+def test_sweep_is_a_job_array_with_a_run_dir_per_point(cluster, tmp_path):
+    """Two points of `--sweep optim.lr=0.05,0.2 --sweep train.seed=3`: one array job, both tasks
+    run to the end in their own run dirs with their own resolved config; the first is preempted
+    and requeued on its own (the other is not restarted)."""
+    import yaml
+
+    cfg = tiny_config(tmp_path, steps=200)  # 1 rank x batch 4: 400 steps/epoch; max_steps ends it
+    r = run_submit(cfg, "log.name=sw", "train.max_steps=100", "dist.cpu_threads=1",
+                   extra=("--tasks-per-node", "1", "--sweep", "optim.lr=0.05,0.2", "--sweep", "train.seed=3",
+                          "--array-parallelism", "2"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    array = re.search(r"submitted array job (\d+) \(slurm, 2 points\)", r.stdout).group(1)
+    names = ["sw-lr0.05-seed3", "sw-lr0.2-seed3"]
+    sweep = tmp_path / "runs/sw-sweep"
+    logs = [sweep / f"{array}_{i}" / f"{array}_{i}_0_log.out" for i in (0, 1)]
+    for i, name in enumerate(names):
+        assert f"{array}_{i}: {tmp_path / 'runs' / name}" in r.stdout, r.stdout
+    points = json.loads((sweep / "sweep.json").read_text())["points"]
+    assert [(p["job"], Path(p["run_dir"]).name, p["overrides"]) for p in points] == [
+        (f"{array}_0", names[0], ["optim.lr=0.05", "train.seed=3"]),
+        (f"{array}_1", names[1], ["optim.lr=0.2", "train.seed=3"])]
+    wait_for(lambda: logged_step(logs[0]) >= 6, 120, "point 0 to start", poll=0.1)
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], check=True)
+    infos = [wait_done(f"{array}_{i}", logs[i], timeout=400) for i in (0, 1)]
+    for i, (name, info) in enumerate(zip(names, infos, strict=True)):
+        assert info["JobState"] == "COMPLETED", read(logs[i])[-3000:]
+        assert info["ArrayJobId"] == array and info["ArrayTaskId"] == str(i)
+        run = tmp_path / "runs" / name
+        resolved = yaml.safe_load((run / "config.yaml").read_text())
+        assert resolved["optim"]["lr"] == [0.05, 0.2][i] and resolved["train"]["seed"] == 3
+        assert resolved["log"]["name"] == name
+        assert summary(run)["steps"] == 100 and summary(run)["world_size"] == 1
+    assert infos[0]["Restarts"] == "1" and infos[1]["Restarts"] == "0"
+    text = read(logs[0])
+    saved = int(re.search(r"saved step (\d+); exiting with code 3", text).group(1))
+    m = re.search(r"resumed from \S+step_(\d+)", text)
+    assert m and int(m.group(1)) == saved and "resumed from" not in read(logs[1]), text[-3000:]
+
+
+def test_sweep_dry_run_prints_the_array_script(tmp_path):
+    """Needs no cluster: a 2 x 2 grid is one array of 4, at most 2 at once; run names in grid order."""
+    cmd = [sys.executable, "slurm/submit.py", "--config", "configs/imagenet_resnet50.yaml", "--gpus-per-node", "8",
+           "--partition", "gpu", "--dry-run", "--sweep", "optim.lr=0.1,0.2", "--sweep", "train.seed=0,1",
+           "--array-parallelism", "2", "data.root=/data/imagenet", f"log.dir={tmp_path}/runs"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    base = f"{tmp_path}/runs/imagenet_resnet50"
+    for line in ["#SBATCH --array=0-3%2", f"#SBATCH --output={base}-sweep/%A_%a/%A_%a_0_log.out",
+                 "#SBATCH --job-name=imagenet_resnet50", "#SBATCH --requeue", "#SBATCH --signal=USR2@120"]:
+        assert line in out, f"{line!r} not in:\n{out}"
+    runs = re.findall(r"\[(\d)\] run dir: (\S+)  \((.*)\)", out)
+    assert runs == [("0", f"{base}-lr0.1-seed0", "optim.lr=0.1 train.seed=0"),
+                    ("1", f"{base}-lr0.1-seed1", "optim.lr=0.1 train.seed=1"),
+                    ("2", f"{base}-lr0.2-seed0", "optim.lr=0.2 train.seed=0"),
+                    ("3", f"{base}-lr0.2-seed1", "optim.lr=0.2 train.seed=1")], out
+    assert "log.name=imagenet_resnet50-lr0.2-seed1" in out and "train.resume=auto" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_names():
+    from slurm.submit import split_values, sweep_points
+
+    assert split_values("[30,60],[50,80]") == ["[30,60]", "[50,80]"]
+    assert sweep_points(["optim.lr=0.1,1e-3", "data.global_batch=512", "model.name=resnet18"]) == [
+        ("lr0.1-bs512-resnet18", ["optim.lr=0.1", "data.global_batch=512", "model.name=resnet18"]),
+        ("lr1e-3-bs512-resnet18", ["optim.lr=1e-3", "data.global_batch=512", "model.name=resnet18"])]
+    assert sweep_points(["schedule.milestones=[30,60],[50,80]"])[0][0] == "milestones_30_60_"
+
+
+def test_cpu_share_splits_physical_cores(tmp_path):
+    """Needs no cluster: 4 cores x 2 hyperthreads (siblings n and n+4), as sysfs describes them."""
+    for c in range(8):
+        (tmp_path / f"cpu{c}/topology").mkdir(parents=True)
+        (tmp_path / f"cpu{c}/topology/thread_siblings_list").write_text(f"{c % 4},{c % 4 + 4}\n")
+    cores = binding.physical_cores(range(8), sysfs=tmp_path)
+    assert cores == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert [binding.cpu_share(cores, r, 2) for r in range(2)] == [{0, 4, 1, 5}, {2, 6, 3, 7}]
+    assert [binding.cpu_share(cores, r, 3) for r in range(3)] == [{0, 4, 1, 5}, {2, 6}, {3, 7}]
+    assert [binding.cpu_share(cores, r, 8) for r in range(8)] == [{c} for c in (0, 4, 1, 5, 2, 6, 3, 7)]
+    assert [binding.cpu_share([[0], [1]], r, 3) for r in range(3)] == [{0}, {1}, {0}]  # more ranks than CPUs
+    assert binding.format_cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert binding.parse_cpu_list("0-2,5,7-8\n") == {0, 1, 2, 5, 7, 8}
+
+
+def test_local_ranks_bind_to_disjoint_cpu_shares():
+    """Needs no cluster: what a Submitit task does in-process (torch.numa.binding's thread binder)
+    and what train.sbatch's worker does on a CPU node (binding.py, then exec): local ranks 0 and 1
+    of 2 get disjoint shares that together are the CPUs this process may use ({0} and {1} here);
+    each rank's threads come from its own share."""
+    mask = os.sched_getaffinity(0)
+    show = "import os; print(sorted(os.sched_getaffinity(0)))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    in_process, execed = [], []
+    for rank in (0, 1):
+        code = ("import os, threading; from slurm.binding import bind; from slurm.submit import default_threads; "
+                "go = threading.Event(); t = threading.Thread(target=lambda: go.wait() and "  # started before bind()
+                "print(sorted(os.sched_getaffinity(0)))); t.start(); "
+                f"cpus = bind('node', {rank}, 2); go.set(); t.join(); print(default_threads(cpus))")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        cpus, threads = r.stdout.splitlines()
+        in_process.append(set(json.loads(cpus)))
+        assert int(threads) == len(in_process[-1])
+        r = subprocess.run([sys.executable, "slurm/binding.py", "--", sys.executable, "-c", show], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60,
+                           env={**env, "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"})
+        assert r.returncode == 0, r.stderr
+        execed.append(set(json.loads(r.stdout)))
+        assert f"local rank {rank}/2: CPUs {binding.format_cpu_list(execed[-1])} of" in r.stderr
+    for shares in (in_process, execed):
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == mask, shares
+    assert in_process == execed
+    if len(mask) == 2:
+        assert in_process == [{min(mask)}, {max(mask)}]
+    # srun already bound the task, or --numa-binding off: left alone
+    r = subprocess.run([sys.executable, "slurm/binding.py", "--", sys.executable, "-c", show], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60,
+                       env={**env, "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "SLURM_CPU_BIND_TYPE": "mask_cpu:"})
+    assert set(json.loads(r.stdout)) == mask and not r.stderr
+
+
+def test_torch_numa_binding_api():
+    """The two private names of torch.numa.binding that slurm/binding.py calls (torch 2.14 applies
+    NumaOptions only inside torchrun), and why CPU nodes do not use torch's modes: without an
+    accelerator they raise (so train.sbatch passes --numa-binding only on GPU nodes)."""
+    import inspect
+
+    from torch.numa import binding as tb
+
+    params = inspect.signature(tb._maybe_apply_numa_binding_to_current_process).parameters
+    assert list(params) == ["device_index", "numa_options"]
+    assert list(inspect.signature(tb._bind_all_threads_in_current_process_to_logical_cpus).parameters) == [
+        "logical_cpu_indices"]
+    assert [m.value for m in tb.AffinityMode] == list(binding.MODES[:-1])
+    if not torch.accelerator.is_available():
+        with pytest.raises(RuntimeError, match="No accelerator available"):
+            tb._get_logical_cpus_to_bind_to(device_index=0, numa_options=tb.NumaOptions(tb.AffinityMode.NODE))
 
 
 def test_dry_run_prints_the_sbatch_parameters(tmp_path):
@@ -316,7 +543,9 @@ def assert_one_error_line(r: subprocess.CompletedProcess, *expected: str) -> str
     ("configs/imagenet_resnet50.yaml", [], "error: config: data.root: not set"),
     ("configs/imagenet_resnet50.yaml", ["--check-data", "data.root=/nonexistent/imagenet"],
      "error: config: data.root: '/nonexistent/imagenet/train' does not exist"),
-], ids=["wrong-type", "unknown-key", "invalid-value", "no-data-root", "check-data"])
+    ("tiny", ["--sweep", "optim.lr=0.1,abc"], "error: config (sweep point lrabc): optim.lr: expected float, got 'abc'"),
+    ("tiny", ["--sweep", "optim.lr"], "error: --sweep 'optim.lr': expected KEY=V1,V2,..."),
+], ids=["wrong-type", "unknown-key", "invalid-value", "no-data-root", "check-data", "sweep-value", "sweep-form"])
 def test_bad_config_fails_at_submission(tmp_path, config, overrides, expected):
     """Needs no cluster: the config is checked before SLURM is asked anything."""
     env, calls = fake_sbatch(tmp_path)

@@ -50,7 +50,22 @@ def env_from_slurm() -> None:
 
         nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()
-        os.environ["MASTER_ADDR"] = nodes[0]
+        os.environ["MASTER_ADDR"] = slurm_node_address(nodes[0])
+
+
+def slurm_node_address(node: str) -> str:
+    """The address SLURM itself reaches `node` at (its NodeAddr), for MASTER_ADDR or a rendezvous
+    endpoint: a node's name need not resolve (slurm/cluster.sh runs n1 and n2 on one host, both
+    NodeAddr=127.0.0.1). The name when scontrol cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    addr = next((f.split("=", 1)[1] for f in out.split() if f.startswith("NodeAddr=")), "")
+    return addr if addr and addr != "(null)" else node
 
 
 def restart_safe_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
