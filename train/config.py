@@ -112,7 +112,7 @@ class ModelConfig(Section):
 
 @dataclass
 class OptimConfig(Section):
-    name: Literal["sgd", "lars"] = "sgd"
+    name: Literal["sgd", "lars", "lamb"] = "sgd"  # lars, lamb: timm.optim's (train/optim.py)
     lr: float = 0.1  # per `lr_reference_batch` images; scaled linearly with the global batch
     lr_reference_batch: int = 256
     momentum: float = 0.9
@@ -137,6 +137,8 @@ class OptimConfig(Section):
             raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.bce_target_threshold < 1:
             raise ConfigError(f"{prefix}bce_target_threshold: must be in [0, 1), got {self.bce_target_threshold}")
+        if self.implementation == "fused" and self.name != "sgd":
+            raise ConfigError(f"{prefix}implementation: fused is for sgd only; {self.name} takes foreach or for-loop")
 
 
 @dataclass

@@ -5,6 +5,19 @@ lr_reference_batch`. The schedule is a LambdaLR over *iterations* with linear wa
 function of the step, so its value at any step is testable and the scheduler's state is just the
 step count. (Chaining LinearLR and CosineAnnealingLR with SequentialLR gives the same curve but
 re-steps the inner scheduler at the boundary and is awkward to resume mid-epoch.)
+
+LARS and LAMB are timm's (`timm.optim.Lars`, `timm.optim.Lamb`), not in torch:
+- LARS (You et al. 2017): trust ratio eta * |w| / (|g| + wd * |w| + eps), eta = 0.001, on the
+  decayed group only, then SGD momentum. That denominator is the paper's (Algorithm 1), MLPerf's
+  TensorFlow reference and NVIDIA apex's LARC. The LARS this project had until now divided by
+  |g + wd * w| instead, which made every step exactly lr * eta * |w| long: equal to timm's at
+  weight_decay 0, within ~wd |w| / |g| of it early in training, but where the gradient and the
+  decay cancel (late training) it kept stepping at full length where the paper's step shrinks
+  (tests/test_optim.py shows both). No source uses that form, so timm's replaced it.
+- LAMB (You et al. 2019) with timm's defaults, as timm's `--opt lamb` in "ResNet strikes back":
+  betas (0.9, 0.999), eps 1e-6, L2 decay folded into the Adam update, trust ratio |w| / |update|
+  on the decayed group, and the gradients scaled to global norm <= 1 inside the step
+  (`max_grad_norm=1.0`; `optim.grad_clip` clips before it, on top). `optim.momentum` is unused.
 """
 
 from __future__ import annotations
@@ -17,7 +30,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool) -> list[dict]:
-    """Decay conv/linear weights; BN parameters and biases (ndim <= 1) only if asked to."""
+    """Decay conv/linear weights; BN parameters and biases (ndim <= 1) only if asked to. The
+    undecayed group is flagged `lars_exclude`: LARS and LAMB give it no layer-wise trust ratio
+    either (MLPerf, timm)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -29,49 +44,24 @@ def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool) -
     return groups
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with layer-wise trust ratios (You et al. 2017), as in MLPerf's ResNet-50 recipes.
-
-    torch has no LARS; this is the MLPerf form: g += wd*w, g *= eta*|w|/|g| per tensor, then
-    momentum. Groups flagged `lars_exclude` (BN, bias) take the plain SGD step.
-    """
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
-                if not group["lars_exclude"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                        torch.ones_like(w_norm))
-                    g.mul_(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = g
-                else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
-        return loss
-
-
 def peak_lr(cfg, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_reference_batch
 
 
 def build_optimizer(cfg, model: nn.Module, global_batch: int) -> torch.optim.Optimizer:
+    """`optim.name`: sgd (torch), lars or lamb (timm.optim, see the module docstring)."""
     groups = param_groups(model, cfg.weight_decay, cfg.bn_weight_decay)
     lr = peak_lr(cfg, global_batch)
-    if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name in ("lars", "lamb"):
+        from timm.optim import Lamb, Lars
+
+        for g in groups:  # trust ratio on the decayed group even at weight_decay 0 (timm: only if decayed)
+            g["always_adapt"] = not g.pop("lars_exclude", False)
+        foreach = cfg.implementation == "foreach"
+        if cfg.name == "lars":
+            return Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                        trust_coeff=0.001, foreach=foreach)
+        return Lamb(groups, lr=lr, weight_decay=cfg.weight_decay, foreach=foreach)
     for g in groups:
         g.pop("lars_exclude", None)
     impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
