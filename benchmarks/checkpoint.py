@@ -22,8 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 
-from train.checkpoint import Checkpointer  # noqa: E402
-from train.config import ModelConfig  # noqa: E402
+from train.checkpoint import Checkpointer, ModelState, OptimizerState  # noqa: E402
+from train.config import (
+    CheckpointConfig,  # noqa: E402
+    ModelConfig,  # noqa: E402
+)
+from train.distributed import DistInfo  # noqa: E402
 from train.loop import TrainState  # noqa: E402
 from train.models import build  # noqa: E402
 
@@ -44,15 +48,17 @@ def main() -> None:
     size += sum(s["momentum_buffer"].numel() * 4 for s in opt.state.values())
     blocked = {"sync": [], "async": []}
     with tempfile.TemporaryDirectory() as tmp:
-        ck = {mode: Checkpointer(Path(tmp) / mode, 0, 1, keep=2, async_save=mode == "async")
+        info = DistInfo(0, 1, 0, device)
+        ck = {mode: Checkpointer(CheckpointConfig(keep=2, async_save=mode == "async"), Path(tmp) / mode, info)
               for mode in blocked}
         for i in range(args.repeats + 1):  # first round warms up (stager buffers, page cache)
             for mode, c in ck.items():
-                state = TrainState(step=i + 1)
+                states = {"model": ModelState(model), "optim": OptimizerState(model, opt), "scheduler": sched,
+                          "scaler": scaler, "train_state": TrainState(step=i + 1)}
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                c.save(model, opt, sched, scaler, state, {})
+                c.save(states, step=i + 1)
                 c.wait_staged()
                 dt = time.perf_counter() - t0
                 c.wait()

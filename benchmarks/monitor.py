@@ -17,30 +17,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.train_step import arguments, setup, trainer  # noqa: E402
+from benchmarks.train_step import arguments, monitor, setup, trainer  # noqa: E402
+from train.callbacks import StopOnSignal, StopSignal  # noqa: E402
 from train.config import Config  # noqa: E402
-from train.monitor import Monitor  # noqa: E402
-from train.trainer import Hooks, StopSignal  # noqa: E402
+from train.hardware import machine_header  # noqa: E402
 
 
 def main() -> None:
     args = arguments(__doc__, steps=100).parse_args()
     cfg = Config()  # default log intervals: what a user gets
     b = setup(args, cfg)
-    device, info, model, bare, loader, optimizer, scheduler, scaler, criterion = (
-        b.device, b.info, b.model, b.bare, b.loader, b.optimizer, b.scheduler, b.scaler, b.criterion)
-    stop = StopSignal()
+    device = b.device
+    print(machine_header(device))
+    stop = StopOnSignal(StopSignal(), every=cfg.log.every, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        on = Monitor(Path(tmp), True, 1, args.steps, 1000, progress="off", tensorboard=True, opts=cfg.log)
-        on.watch(bare, None, scaler)
-        off = Monitor(Path(tmp) / "off", True, 1, args.steps, 1000, progress="off", tensorboard=False)
-        hooks = {name: Hooks(cfg, info, m, save=lambda *a, **k: None, global_batch=args.batch, stop=stop)
-                 for name, m in (("on", on), ("off", off))}
+        on = monitor(cfg, args, b.info, Path(tmp))
+        on.watch(b.bare, None, b.step.scaler)
+        off = monitor(cfg, args, b.info, Path(tmp) / "off", tensorboard=False)
+        callbacks = {"on": [on, stop], "off": [off, stop]}
         times: dict[str, list[float]] = {"on": [], "off": []}
         for r in range(args.repeats + 1):  # the first round warms both paths up
             for name in ("off", "on"):
-                t = trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks[name], device, args.amp,
-                            cfg.log.every)
+                t = trainer(b.step, b.loader, callbacks[name], device, cfg.log.every)
                 if r:
                     times[name].append(t)
         on.close()

@@ -11,6 +11,7 @@ of medians is printed last. Goal: >= 0.95.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -24,12 +25,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.synthetic import SyntheticLoader  # noqa: E402
+from train.callbacks import StopOnSignal, StopSignal  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.distributed import DistInfo  # noqa: E402
-from train.loop import TrainState, autocast, train_one_epoch  # noqa: E402
+from train.hardware import machine_header  # noqa: E402
+from train.loop import TrainState, TrainStep, autocast, train_one_epoch  # noqa: E402
 from train.monitor import Monitor  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.trainer import Hooks, StopSignal, build_model  # noqa: E402
+from train.trainer import build_model  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -50,10 +53,11 @@ def bare(model, loader, optimizer, criterion, device, amp) -> float:
     return time.perf_counter() - t0
 
 
-def trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks, device, amp, log_every) -> float:
+def trainer(step: TrainStep, loader, callbacks, device, log_every: int) -> float:
     sync(device)
     t0 = time.perf_counter()
-    train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, TrainState(), amp, 0.0, log_every, hooks)
+    train_one_epoch(step, loader, TrainState(), global_batch=loader.global_batch, log_every=log_every,
+                    callbacks=callbacks)
     sync(device)
     return time.perf_counter() - t0
 
@@ -79,11 +83,20 @@ def setup(args, cfg: Config) -> SimpleNamespace:
     info = DistInfo(0, 1, 0, device)
     model, bare_model = build_model(cfg, 10, info)
     optimizer = build_optimizer(cfg.optim, model, args.batch)
+    step = TrainStep(model=model, optimizer=optimizer,
+                     scheduler=build_scheduler(cfg.schedule, optimizer, args.steps, 1000),
+                     scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+                     criterion=nn.CrossEntropyLoss(), amp=args.amp)
     return SimpleNamespace(
-        device=device, info=info, model=model, bare=bare_model, optimizer=optimizer,
-        loader=SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0),
-        scheduler=build_scheduler(cfg.schedule, optimizer, args.steps, 1000),
-        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), criterion=nn.CrossEntropyLoss())
+        device=device, info=info, model=model, bare=bare_model, optimizer=optimizer, step=step,
+        loader=SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0))
+
+
+def monitor(cfg: Config, args, info, tmp: Path, tensorboard: bool = True) -> Monitor:
+    """The trainer's Monitor for a one-rank synthetic run of `args.steps` steps per epoch."""
+    log_cfg = dataclasses.replace(cfg.log, tensorboard=tensorboard, progress="off")
+    return Monitor(log_cfg, run_dir=tmp, info=info, data=cfg.data, epochs=1000, steps_per_epoch=args.steps,
+                   global_batch=args.batch)
 
 
 def main() -> None:
@@ -93,22 +106,20 @@ def main() -> None:
     cfg = Config()
     cfg.log.every = args.log_every
     b = setup(args, cfg)
-    device, info, model, loader, optimizer, scheduler, scaler, criterion = (
-        b.device, b.info, b.model, b.loader, b.optimizer, b.scheduler, b.scaler, b.criterion)
+    print(machine_header(b.device))
     with tempfile.TemporaryDirectory() as tmp:
-        monitor = Monitor(Path(tmp), True, 1, args.steps, 1, progress="off", tensorboard=True)
-        hooks = Hooks(cfg, info, monitor, save=lambda *a, **k: None, global_batch=args.batch, stop=StopSignal())
-        bare(model, loader, optimizer, criterion, device, args.amp)  # warm-up both paths
-        trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks, device, args.amp, args.log_every)
+        mon = monitor(cfg, args, b.info, Path(tmp))
+        callbacks = [mon, StopOnSignal(StopSignal(), every=args.log_every, device=b.device)]
+        bare(b.model, b.loader, b.optimizer, b.step.criterion, b.device, args.amp)  # warm-up both paths
+        trainer(b.step, b.loader, callbacks, b.device, args.log_every)
         t_bare, t_trainer = [], []
         for _ in range(args.repeats):
-            t_bare.append(bare(model, loader, optimizer, criterion, device, args.amp))
-            t_trainer.append(trainer(model, loader, optimizer, scheduler, scaler, criterion, hooks, device,
-                                     args.amp, args.log_every))
-        monitor.close()
+            t_bare.append(bare(b.model, b.loader, b.optimizer, b.step.criterion, b.device, args.amp))
+            t_trainer.append(trainer(b.step, b.loader, callbacks, b.device, args.log_every))
+        mon.close()
     n = args.batch * args.steps
     ips_bare, ips_trainer = n / statistics.median(t_bare), n / statistics.median(t_trainer)
-    print(f"device {device}, {args.model}, batch {args.batch}, {args.size}px, amp {args.amp}, "
+    print(f"device {b.device}, {args.model}, batch {args.batch}, {args.size}px, amp {args.amp}, "
           f"{args.steps} steps x {args.repeats} repeats")
     print(f"bare loop   {ips_bare:10.1f} img/s")
     print(f"trainer     {ips_trainer:10.1f} img/s")

@@ -4,42 +4,34 @@
 
 The file loads with `torch.load(path, weights_only=True)` into torchvision's model of the same
 name (keys and shapes are torchvision's) and back into ours with `model.weights=resnet50.pth`.
-DCP's own converter reads every shard, so this works whatever the number of ranks that saved.
+It reads every shard, so this works whatever the number of ranks that saved.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import tempfile
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from train.checkpoint import complete, latest
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The whole checkpoint (all ranks' shards) as one nested dict, on the CPU."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ckpt.pt"
-        dcp_to_torch_save(str(path), str(out))
-        return torch.load(out, map_location="cpu", weights_only=False)
+from train.checkpoint import complete, latest, load_tensors
 
 
-def model_state_dict(run_or_ckpt: Path) -> dict[str, torch.Tensor]:
+def checkpoint_dir(run_or_ckpt: Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one of a run directory."""
     path = Path(run_or_ckpt)
-    if not complete(path):
-        found = latest(path / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint in '{path}' or '{path / 'checkpoints'}'")
-        path = found
-    ckpt = load_checkpoint(path)
-    model = ckpt["model"]
-    if isinstance(model, io.BytesIO):  # never the case for tensors; guards format changes
-        raise ValueError(f"unexpected model format in {path}")
-    return {k: v.contiguous() for k, v in model.items()}
+    if complete(path):
+        return path
+    found = latest(path / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint in '{path}' or '{path / 'checkpoints'}'")
+    return found
+
+
+def model_state_dict(run_or_ckpt: Path, state: str = "model") -> dict[str, torch.Tensor]:
+    """The weights saved as named state `state` (model, or ema) from all shards, on the CPU; only
+    tensors are read, so no pickled value in the checkpoint is ever unpickled."""
+    return {k: v.contiguous() for k, v in load_tensors(checkpoint_dir(run_or_ckpt), f"{state}.").items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,15 +1,19 @@
 """train_one_epoch and evaluate: the loop in plain sight.
 
 Metrics are summed on the device and reduced across ranks only every `log.every` steps, so the
-step itself never waits for the host. The loop asks `hooks` (checkpointing, signals, monitoring)
-what to do after each step; it does not know how they are implemented.
+step itself never waits for the host. After each step the loop calls its callbacks
+(train/callbacks.py: checkpoint cadence, stop on signal, monitoring); it does not know what
+they do. A new logged scalar is one `sums.add(...)` here and one entry in `metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,15 +26,60 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopTraining(Exception):
-    """Raised by a hook to leave the loop after a completed step (signal, max_steps)."""
+    """Raised by a callback to leave the loop after a completed step (signal, max_steps)."""
 
 
 @dataclass
 class TrainState:
-    epoch: int = 0  # current epoch (0-based)
-    step: int = 0  # global optimizer steps done since the start of the run
-    sample_in_epoch: int = 0  # global samples consumed in `epoch`
+    """Where the run is. `step` counts optimizer steps since the start (logs, checkpoint names);
+    `epoch` (0-based) and `sample_in_epoch` (global samples consumed in it, on any world size)
+    say where the data order stands."""
+
+    epoch: int = 0
+    step: int = 0
+    sample_in_epoch: int = 0
     best_top1: float = -1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@dataclass
+class TrainStep:
+    """What one optimisation step needs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp: str = "off"  # off | bf16 | fp16
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+
+
+class Callback:
+    """The loop's hook points; each is a no-op unless a subclass fills it in."""
+
+    def on_batch(self, state: TrainState, images: torch.Tensor) -> None:
+        """Before the forward pass."""
+
+    def after_backward(self, state: TrainState) -> None:
+        """Gradients are complete (all-reduced), the optimizer has not stepped yet."""
+
+    def flush_due(self, state: TrainState) -> bool:
+        """True if metrics must be reduced (and the loss checked) after this step, e.g. because a
+        checkpoint follows."""
+        return False
+
+    def on_metrics(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """Metrics reduced over all ranks since the last call."""
+
+    def after_step(self, state: TrainState) -> None:
+        """After the step and any flush; may raise StopTraining."""
 
 
 def autocast(device: torch.device, amp: str):
@@ -40,24 +89,44 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion: nn.Module,
-                    state: TrainState, amp: str, grad_clip: float, log_every: int, hooks) -> None:
+class Sums:
+    """Named sums on the device; `reduce` adds them over ranks in one all-reduce and resets."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, v in values.items():
+            v = v.detach().float()
+            self.values[name] = self.values[name] + v if name in self.values else v
+
+    def reduce(self) -> dict[str, float]:
+        names = sorted(self.values)
+        totals = all_reduce_sum(torch.stack([self.values[n] for n in names])).tolist()
+        self.values.clear()
+        return dict(zip(names, totals))
+
+
+def train_one_epoch(step: TrainStep, loader, state: TrainState, *, global_batch: int, log_every: int,
+                    callbacks: Sequence[Callback] = ()) -> None:
+    model, optimizer, scaler = step.model, step.optimizer, step.scaler
     model.train()
     device = next(model.parameters()).device
-    sums = torch.zeros(4, device=device)  # loss*n, correct, n, non-finite losses
-    data_time, pending = 0.0, 0  # host time blocked on the loader, steps since the last log point
+    sums = Sums()
+    data_time, pending = 0.0, 0  # host time blocked on the loader, steps since the last flush
 
     def flush() -> None:
         """Reduce the metrics (the one host sync per interval); stop on a non-finite loss before
         any checkpoint could store the diverged state."""
         nonlocal data_time, pending
-        reduced = all_reduce_sum(sums.clone()).tolist()
-        sums.zero_()
-        if reduced[3] > 0:
+        total = sums.reduce()
+        if total["nonfinite"] > 0:
             raise NonFiniteLoss(f"non-finite loss before step {state.step} (epoch {state.epoch + 1}); "
                                 "lower optim.lr or set optim.grad_clip; the last checkpoint is intact")
-        hooks.log_train(state, loss=reduced[0] / reduced[2], top1=100 * reduced[1] / reduced[2],
-                        lr=scheduler.get_last_lr()[0], data_time=data_time, loss_scale=scaler.get_scale())
+        metrics = {"loss": total["loss"] / total["count"], "top1": 100 * total["correct"] / total["count"],
+                   "lr": step.scheduler.get_last_lr()[0], "data_time": data_time}
+        for cb in callbacks:
+            cb.on_metrics(state, metrics)
         data_time, pending = 0.0, 0
 
     batches = iter(loader)
@@ -68,30 +137,32 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
         except StopIteration:
             break
         data_time += time.perf_counter() - t0
-        hooks.on_batch(state, images)
-        with autocast(device, amp):
+        for cb in callbacks:
+            cb.on_batch(state, images)
+        with autocast(device, step.amp):
             logits = model(images)
-            loss = criterion(logits, labels)
+            loss = step.criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        hooks.after_backward(state)
-        if grad_clip > 0:
+        for cb in callbacks:
+            cb.after_backward(state)
+        if step.grad_clip > 0:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        step.scheduler.step()
         with torch.no_grad():
-            n = labels.new_tensor(labels.numel(), dtype=torch.float32)
-            correct = (logits.argmax(1) == labels).sum()
-            sums += torch.stack([loss.detach().float() * n, correct.float(), n,
-                                 (~torch.isfinite(loss.detach())).float()])
+            n = torch.tensor(float(labels.shape[0]), device=device)
+            sums.add(loss=loss * n, correct=(logits.argmax(1) == labels).sum(), count=n,
+                     nonfinite=(~torch.isfinite(loss)).float())
         state.step += 1
-        state.sample_in_epoch += labels.numel() * hooks.world_size  # equal batches on all ranks
+        state.sample_in_epoch += global_batch  # equal batches on all ranks
         pending += 1
-        if state.step % log_every == 0 or hooks.save_due(state):
+        if state.step % log_every == 0 or any(cb.flush_due(state) for cb in callbacks):
             flush()
-        hooks.after_step(state)
+        for cb in callbacks:
+            cb.after_step(state)
     if pending:  # the epoch's last steps, checked before its checkpoint
         flush()
 

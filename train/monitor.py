@@ -1,8 +1,10 @@
-"""What a user sees of a run: TensorBoard, a progress bar or plain lines, and the final summary.
+"""Monitoring as a loop callback: throughput and step time, stage norms, input and feature-map
+images, CUDA memory; it hands dicts to the TensorBoard logger (train/tb_logger.py) and the
+progress display (train/progress.py) and adds its figures to the run summary.
 
 Only rank 0 writes. The loss and accuracy it gets were reduced across ranks by the loop at the
-logging interval (its one host sync); everything else the monitor reads is either the same on all
-ranks (gradients after DDP's all-reduce, weights, learning rate) or rank 0's own clock.
+logging interval (its one host sync); everything else it reads is either the same on all ranks
+(gradients after DDP's all-reduce, weights, learning rate) or rank 0's own clock.
 
 TensorBoard, every `log.every` steps:
   train/loss, train/top1, train/lr, train/images_per_s (global), train/images_per_s_per_rank,
@@ -13,20 +15,13 @@ every evaluation: val/loss, val/top1, val/top5, features/<stage> (+ features/inp
 every epoch: time/epoch_s, time/eta_s, and with `log.histograms` weights/<param>, grads/<param>
 once: train/inputs (de-normalised augmented batch), the graph, text config + command, and at the
 end hparams/top1, hparams/top5, hparams/best_top1 with the HPARAMS session.
-
-On a terminal rank 0 draws a tqdm bar (log lines are printed above it); otherwise it prints
-plain lines, so files (CI, SLURM logs) hold no carriage returns or escape sequences.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import logging
 import math
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +29,10 @@ from pathlib import Path
 import torch
 
 from train import tb_visuals as vis
-from train.config import LogConfig
+from train.loop import Callback, TrainState
+from train.progress import Progress
+from train.summary import RunSummary, exact_command
+from train.tb_logger import TensorBoardLogger
 
 log = logging.getLogger("resnet")
 
@@ -45,68 +43,32 @@ def setup_logging(rank: int) -> None:
                         stream=sys.stdout, force=True)
 
 
-def exact_command() -> str:
-    """The command line that started this run, shell-quoted: torchrun's own when launched by it
-    (read from the parent process on Linux), otherwise `python <argv>`."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        with contextlib.suppress(OSError):
-            parts = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-            parts = [p.decode(errors="replace") for p in parts if p]
-            if parts:
-                return shlex.join(parts)
-    return shlex.join([Path(sys.executable).name, *sys.argv])
+def scale_tensor(scaler) -> torch.Tensor | None:
+    """The GradScaler's current scale as a device tensor. GradScaler has no public accessor for
+    it: `get_scale()` returns a Python float, i.e. a host sync on every norm step."""
+    return getattr(scaler, "_scale", None) if scaler is not None else None
 
 
-def hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    return str(datetime.timedelta(seconds=int(seconds)))
-
-
-class Monitor:
-    def __init__(self, run_dir: Path, is_main: bool, world_size: int, steps_per_epoch: int,
-                 epochs: int, progress: str = "auto", tensorboard: bool = True, *,
-                 opts: LogConfig | None = None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                 max_steps: int = 0):
-        self.run_dir, self.is_main, self.world_size = Path(run_dir), is_main, world_size
-        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
-        self.opts = opts or LogConfig()
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.total_steps = epochs * steps_per_epoch
-        if max_steps:
-            self.total_steps = min(self.total_steps, max_steps)
-        self.writer = None
-        if is_main and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        if progress == "auto":
-            progress = "bar" if sys.stdout.isatty() and os.environ.get("TERM") != "dumb" else "lines"
-        self.progress = progress if is_main else "off"
-        self.bar = None
-        self._redirect = None  # log lines go through tqdm.write while a bar is drawn
-        self.start_time = time.perf_counter()
+class Monitor(Callback):
+    def __init__(self, cfg, *, run_dir: Path, info, data, epochs: int, steps_per_epoch: int,
+                 global_batch: int, max_steps: int = 0):
+        """`cfg`: the `log` section; `data`: the `data` section (mean/std to show the inputs)."""
+        self.cfg, self.run_dir, self.is_main, self.world = cfg, Path(run_dir), info.is_main, info.world_size
+        self.mean, self.std = tuple(data.mean), tuple(data.std)
+        self.epochs, self.steps_per_epoch, self.global_batch = epochs, steps_per_epoch, global_batch
+        self.total_steps = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
+        self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=info.is_main and cfg.tensorboard)
+        self.progress = Progress(cfg.progress, enabled=info.is_main, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self._mark = (time.perf_counter(), 0)  # (time, global step) of the last log point
         self._run_mark: tuple[float, int] | None = None  # (time, step) of this process's first step
-        self.images_per_s = 0.0
-        self.samples_seen = 0
         self.best_top5 = -1.0
         self.peak_memory_gib = 0.0
-        # set by watch()
-        self.model = None
-        self.device = torch.device("cpu")
-        self.scaler = None
+        self.model, self.device, self.scaler = None, torch.device("cpu"), None  # set by watch()
         self.norms: vis.StageNorms | None = None
         self._pending_norms: list[tuple[int, torch.Tensor]] = []
         self.probe: torch.Tensor | None = None  # the fixed validation image for feature maps
         self._inputs_logged = self._probe_logged = False
-        self.text("command", f"`{exact_command()}`")
-
-    @property
-    def _tb(self) -> bool:
-        return self.writer is not None
-
-    # -- what the trainer tells the monitor once --------------------------------------------------
+        self.tb.text("command", f"`{exact_command()}`")
 
     def watch(self, model: torch.nn.Module, val_loader=None, scaler=None) -> None:
         """The bare (unwrapped) model for norms, feature maps and the graph; the first validation
@@ -117,55 +79,28 @@ class Monitor:
         with contextlib.suppress(StopIteration):
             self.device = next(self.model.parameters()).device
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        if not self._tb:
+        if not self.tb.enabled:
             return
-        if self.opts.grad_norm_every > 0:
+        if self.cfg.grad_norm_every > 0:
             self.norms = vis.StageNorms(self.model)
-        if val_loader is not None and (self.opts.feature_maps or self.opts.graph):
+        if val_loader is not None and (self.cfg.feature_maps or self.cfg.graph):
             try:
                 images, _ = next(iter(val_loader))
                 self.probe = images[:1].detach().clone()
             except StopIteration:
                 log.warning("tensorboard: the validation set is empty; no feature maps or graph")
-        if self.opts.graph:
-            if self.probe is None:
-                log.warning("tensorboard: no graph (no validation image to trace it with)")
-            else:
-                reason = vis.add_graph(self.writer, self.model, self.probe)
-                if reason:
-                    log.warning("tensorboard: graph skipped: %s", reason)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
-
-    def text(self, tag: str, value: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, value, 0)
+        if self.cfg.graph:
+            reason = self.tb.graph(self.model, self.probe) if self.probe is not None else "no validation image"
+            if reason:
+                log.warning("tensorboard: graph skipped: %s", reason)
 
     # -- per epoch ------------------------------------------------------------------------------
 
-    def start_epoch(self, epoch: int, start_step_in_epoch: int, step: int) -> None:
-        self._mark = (time.perf_counter(), step)
+    def start_epoch(self, state: TrainState) -> None:
+        self._mark = (time.perf_counter(), state.step)
         if self._run_mark is None:
             self._run_mark = self._mark
-        if self.progress == "bar":
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            self.bar = tqdm(total=self.steps_per_epoch, initial=start_step_in_epoch, file=sys.stdout,
-                            desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True, leave=False,
-                            unit="step")
-            self._redirect = logging_redirect_tqdm()
-            self._redirect.__enter__()
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self._redirect is not None:
-            self._redirect.__exit__(None, None, None)
-            self._redirect = None
+        self.progress.start_epoch(state.epoch, state.sample_in_epoch // self.global_batch)
 
     def eta(self, step: int) -> float:
         """Seconds left for the whole run at this process's average pace (evaluations included)."""
@@ -174,30 +109,54 @@ class Monitor:
         t0, s0 = self._run_mark
         return (time.perf_counter() - t0) / (step - s0) * max(self.total_steps - step, 0)
 
-    def end_epoch(self, state, epoch_time: float) -> None:
-        self._close_bar()
-        self.scalar("time/epoch_s", epoch_time, state.step)
-        self.scalar("time/eta_s", self.eta(state.step), state.step)
-        if self._tb and self.opts.histograms and self.model is not None:
+    def end_epoch(self, state: TrainState, epoch_time: float) -> None:
+        self.progress.end_epoch()
+        self.tb.log({"time/epoch_s": epoch_time, "time/eta_s": self.eta(state.step)}, state.step)
+        if self.tb.enabled and self.cfg.histograms and self.model is not None:
             for name, p in self.model.named_parameters():
-                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), state.step)
+                self.tb.histogram(f"weights/{name}", p, state.step)
                 if p.grad is not None:
-                    self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), state.step)
+                    self.tb.histogram(f"grads/{name}", p.grad, state.step)
 
-    # -- per step (called by the loop on every rank) ----------------------------------------------
+    # -- the loop's callbacks (every rank) ----------------------------------------------------------
 
-    def on_batch(self, state, images) -> None:
-        """Every training batch, before the forward: the augmented input grid, once."""
-        if not self._inputs_logged and self._tb and self.opts.images:
+    def on_batch(self, state: TrainState, images: torch.Tensor) -> None:
+        """The augmented input grid, once."""
+        if not self._inputs_logged and self.tb.enabled and self.cfg.images:
             self._inputs_logged = True
-            self.writer.add_image("train/inputs", vis.input_grid(images, self.mean, self.std), state.step)
+            self.tb.image("train/inputs", vis.input_grid(images, self.mean, self.std), state.step)
 
-    def after_backward(self, state) -> None:
-        """After backward, before the optimizer step: per-stage gradient and weight norms on the
-        device every `grad_norm_every` steps; they are read at the next logging point."""
-        if self.norms is not None and (state.step + 1) % self.opts.grad_norm_every == 0:
-            scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
-            self._pending_norms.append((state.step + 1, self.norms.compute(scale)))
+    def after_backward(self, state: TrainState) -> None:
+        """Per-stage gradient and weight norms on the device every `grad_norm_every` steps; they
+        are read at the next logging point."""
+        if self.norms is not None and (state.step + 1) % self.cfg.grad_norm_every == 0:
+            self._pending_norms.append((state.step + 1, self.norms.compute(scale_tensor(self.scaler))))
+
+    def on_metrics(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        now, (t0, s0) = time.perf_counter(), self._mark
+        steps, elapsed = state.step - s0, max(now - t0, 1e-9)
+        self._mark = (now, state.step)
+        scalars = {f"train/{k}": metrics[k] for k in metrics if k != "data_time"}
+        speed = {"images_per_s": math.nan, "data_wait": math.nan}
+        if steps > 0:
+            speed = {"images_per_s": steps * self.global_batch / elapsed,
+                     "data_wait": min(metrics.get("data_time", 0.0) / elapsed, 1.0)}
+            scalars.update({"train/images_per_s": speed["images_per_s"],
+                            "train/images_per_s_per_rank": speed["images_per_s"] / self.world,
+                            "train/step_time_s": elapsed / steps, "train/data_wait_fraction": speed["data_wait"]})
+        if self.scaler is not None:
+            scalars["train/loss_scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.peak_memory_gib = max(self.peak_memory_gib, peak)
+            scalars["train/peak_memory_gib"] = peak
+        self.tb.log(scalars, state.step)
+        self._write_norms()
+        self.progress.update(state.epoch, state.step - state.epoch * self.steps_per_epoch,
+                             {**metrics, **speed, "eta_s": self.eta(state.step)})
 
     def _write_norms(self) -> None:
         if not self._pending_norms:
@@ -206,105 +165,39 @@ class Monitor:
         values = torch.stack([v for _, v in self._pending_norms]).tolist()  # one transfer
         self._pending_norms.clear()
         for step, row in zip(steps, values):
-            for tag, v in zip(self.norms.tags(), row):
-                self.writer.add_scalar(tag, v, step)
-
-    def log_train(self, state, loss: float, top1: float, lr: float, global_batch: int,
-                  data_time: float = 0.0, loss_scale: float = 1.0) -> None:
-        if not self.is_main:
-            return
-        now = time.perf_counter()
-        t0, s0 = self._mark
-        steps = state.step - s0
-        self._mark = (now, state.step)
-        step = state.step
-        if steps > 0:
-            elapsed = max(now - t0, 1e-9)
-            self.images_per_s = steps * global_batch / elapsed
-            self.samples_seen += steps * global_batch
-            self.scalar("train/images_per_s", self.images_per_s, step)
-            self.scalar("train/images_per_s_per_rank", self.images_per_s / self.world_size, step)
-            self.scalar("train/step_time_s", elapsed / steps, step)
-            self.scalar("train/data_wait_fraction", min(data_time / elapsed, 1.0), step)
-        self.scalar("train/loss", loss, step)
-        self.scalar("train/top1", top1, step)
-        self.scalar("train/lr", lr, step)
-        if self.scaler is not None:
-            self.scalar("train/loss_scale", loss_scale, step)
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.peak_memory_gib = max(self.peak_memory_gib, peak)
-            self.scalar("train/peak_memory_gib", peak, step)
-        if self._tb:
-            self._write_norms()
-        in_epoch = step - state.epoch * self.steps_per_epoch
-        eta = self.eta(step)
-        if self.bar is not None:
-            self.bar.n = in_epoch
-            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{self.images_per_s:.0f}", eta=hms(eta), refresh=True)
-        elif self.progress == "lines":
-            wait = f"  data {100 * data_time / max(now - t0, 1e-9):.0f}%" if steps > 0 else ""
-            log.info("epoch %d/%d step %d/%d  loss %.4f  top1 %.2f  lr %.4g  %.0f img/s%s  eta %s",
-                     state.epoch + 1, self.epochs, in_epoch, self.steps_per_epoch, loss, top1, lr,
-                     self.images_per_s, wait, hms(eta))
+            self.tb.log(dict(zip(self.norms.tags(), row)), step)
 
     # -- evaluation and the end -------------------------------------------------------------------
 
-    def log_eval(self, state, metrics: dict[str, float]) -> None:
+    def log_eval(self, state: TrainState, metrics: dict[str, float], prefix: str = "val") -> None:
         if not self.is_main:
             return
-        for k in ("loss", "top1", "top5"):
-            self.scalar(f"val/{k}", metrics[k], state.step)
+        self.tb.log({f"{prefix}/{k}": metrics[k] for k in ("loss", "top1", "top5")}, state.step)
         self.best_top5 = max(self.best_top5, metrics["top5"])
-        log.info("step %d (epoch %.2f)  val loss %.4f  top1 %.2f  top5 %.2f  (%d images)", state.step,
-                 state.step / self.steps_per_epoch, metrics["loss"], metrics["top1"], metrics["top5"],
+        log.info("step %d (epoch %.2f)  %s loss %.4f  top1 %.2f  top5 %.2f  (%d images)", state.step,
+                 state.step / self.steps_per_epoch, prefix, metrics["loss"], metrics["top1"], metrics["top5"],
                  metrics["count"])
-        if self._tb and self.opts.feature_maps and self.probe is not None and self.model is not None:
+        if self.tb.enabled and self.cfg.feature_maps and self.probe is not None and self.model is not None:
             if not self._probe_logged:
                 self._probe_logged = True
-                self.writer.add_image("features/input", vis.input_grid(self.probe, self.mean, self.std),
-                                      state.step)
+                self.tb.image("features/input", vis.input_grid(self.probe, self.mean, self.std), state.step)
             for name, grid in vis.feature_maps(self.model, self.probe).items():
-                self.writer.add_image(f"features/{name}", grid, state.step)
+                self.tb.image(f"features/{name}", grid, state.step)
 
-    def summary(self, summary: dict) -> None:
-        """Complete the trainer's summary, write summary.json and the HPARAMS session, print a table."""
-        if not self.is_main:
-            return
+    def finish(self, summary: RunSummary) -> None:
+        """Add what only the monitor knows to the summary; write the HPARAMS session."""
         final5 = summary.get("final_top5", math.nan)
         summary["best_top5"] = max(self.best_top5, final5) if final5 == final5 else self.best_top5
-        summary["train_images_per_s_per_rank"] = summary.get("train_images_per_s", 0.0) / self.world_size
-        summary["command"] = exact_command()  # shell-quoted, with the launcher
+        summary["train_images_per_s_per_rank"] = summary.get("train_images_per_s", 0.0) / self.world
         if self.device.type == "cuda":
             summary["peak_memory_gib"] = self.peak_memory_gib
-        if self._tb:
-            summary["tensorboard"] = str(self.run_dir / "tb")
-            extra = {"world_size": self.world_size, "global_batch": self._global_batch(summary)}
-            vis.add_hparams(self.writer, vis.flat_hparams(summary.get("config", {}), extra),
+        if self.tb.enabled:
+            summary["tensorboard"] = str(self.tb.log_dir)
+            extra = {"world_size": self.world, "global_batch": self.global_batch}
+            self.tb.hparams(vis.flat_hparams(summary.get("config", {}), extra),
                             {"top1": summary["final_top1"], "top5": summary["final_top5"],
                              "best_top1": summary["best_top1"]}, summary.get("steps", 0))
-            self.writer.flush()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        rows = [("top-1 final / best", f"{summary['final_top1']:.2f} / {summary['best_top1']:.2f} %"),
-                ("top-5 final / best", f"{summary['final_top5']:.2f} / {summary['best_top5']:.2f} %"),
-                ("epochs", f"{summary['epochs']} ({summary.get('steps', 0)} steps)"),
-                ("wall time", hms(summary["wall_time_s"])),
-                ("train img/s", f"{summary['train_images_per_s']:.0f} ({summary['train_images_per_s_per_rank']:.0f}"
-                                f" per rank x {self.world_size})")]
-        if "peak_memory_gib" in summary:
-            rows.append(("peak memory", f"{summary['peak_memory_gib']:.2f} GiB"))
-        rows += [("summary", str(self.run_dir / "summary.json")), ("command", summary["command"])]
-        width = max(len(k) for k, _ in rows)
-        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-        if self._tb:
-            print(f"tensorboard --logdir {self.run_dir / 'tb'}")
-
-    def _global_batch(self, summary: dict) -> int:
-        batch = summary.get("config", {}).get("data", {}).get("batch_size", 0)
-        return batch * self.world_size
 
     def close(self) -> None:
-        self._close_bar()
-        if self.writer is not None:
-            self.writer.close()
+        self.progress.end_epoch()
+        self.tb.close()

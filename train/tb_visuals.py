@@ -171,14 +171,7 @@ def flat_hparams(config: dict, extra: dict) -> dict:
 
 
 def add_hparams(writer, hparams: dict, metrics: dict[str, float], step: int) -> None:
-    """Write the HPARAMS session into this run (not a sub-run, as SummaryWriter.add_hparams does),
-    with its metrics as scalars `hparams/<name>` at `step`."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-    tags = {f"hparams/{k}": v for k, v in metrics.items()}
-    exp, ssi, sei = hparams_summary(hparams, tags)
-    fw = writer._get_file_writer()
-    for s in (exp, ssi, sei):
-        fw.add_summary(s, step)
-    for tag, value in tags.items():
-        writer.add_scalar(tag, value if value is not None else math.nan, step)
+    """The HPARAMS session with its metrics as scalars `hparams/<name>` at `step`, in this run's
+    own directory (run_name="."), not in a sub-run as `add_hparams` does by default."""
+    tags = {f"hparams/{k}": (v if v is not None else math.nan) for k, v in metrics.items()}
+    writer.add_hparams(hparams, tags, run_name=".", global_step=step)
