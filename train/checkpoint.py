@@ -50,7 +50,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class UnsafeCheckpoint(RuntimeError):
+class UnsafeCheckpoint(ValueError):
     """A checkpoint value that is not plain data (a pickled object that would run code)."""
 
 
@@ -244,10 +244,25 @@ class Checkpointer:
         keys = saved_keys(path)
         held = {n: s for n, s in states.items() if any(k.startswith(f"{n}.") for k in keys)}
         sd = {name: obj.state_dict() for name, obj in held.items()}
-        dcp.load(sd, checkpoint_id=str(path), process_group=self.group, planner=SafeLoadPlanner())
+        _load(sd, path, process_group=self.group)
         for name, obj in held.items():
             obj.load_state_dict(sd[name])
         return sorted(set(states) - set(held))
+
+
+def _load(sd: dict, path: Path, **kw) -> None:
+    """dcp.load with the safe planner; an unsafe value is reported as itself, not wrapped in DCP's
+    CheckpointException with every rank's traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(sd, checkpoint_id=str(path), planner=SafeLoadPlanner(), **kw)
+    except CheckpointException as e:
+        for failure in e.failures.values():
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(exc, UnsafeCheckpoint):
+                raise exc from None
+        raise
 
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:
@@ -272,5 +287,5 @@ def load_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
           if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if not sd:
         raise FileNotFoundError(f"no tensors under '{prefix.rstrip('.')}' in checkpoint '{path}'")
-    dcp.load(sd, checkpoint_id=str(path), planner=SafeLoadPlanner(), no_dist=True)
+    _load(sd, path, no_dist=True)
     return {k[len(prefix):]: v for k, v in sd.items()}

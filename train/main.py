@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> dict:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from train.checkpoint import UnsafeCheckpoint
     from train.loop import NonFiniteLoss
     from train.trainer import fit
 
     try:
         with distributed.process_group(cfg.dist) as info:
             return fit(cfg, info)
-    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:  # user errors found after start-up
+    except (config_lib.ConfigError, DataError, FileNotFoundError, UnsafeCheckpoint) as e:  # user errors found after start-up
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLoss as e:
