@@ -14,7 +14,9 @@ Unusable files (zero-byte, truncated, non-image) would raise inside DALI mid-epo
 `data.preflight` pass finds them at build time and each is replaced by the next usable file
 (`folder.replacements`), the rule the torch loader applies on the fly: the order, epoch length
 and `skipped` count match it. File bytes are read through `folder.Split`, like the torch
-loader's. Each sample's augmentation comes from DALI's RNG and does not match the torch loader's.
+loader's. Each sample's augmentation comes from DALI's RNG and does not match the torch loader's
+pixel for pixel; its distribution does (crop, flip, `data.auto_augment` through
+`nvidia.dali.auto_aug`, `data.random_erasing` through `fn.erase`: data/augment.py).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data import folder
+from data import augment, folder
 from data.contract import DataError, RankInfo
-from data.sampler import GlobalBatchSampler, steps_per_epoch, train_crop_at
+from data.sampler import GlobalBatchSampler, train_crop_at
 
 # nvJPEG buffers sized for the largest ImageNet image, so the training decoder allocates once instead
 # of growing mid-run (NVIDIA's DALI ResNet-50 examples do the same).
@@ -100,12 +102,16 @@ def val_geometry(shape, resize: int, crop: int):
 
 def pad_crop(images, shape, size, pad: int):
     """torchvision's RandomCrop(size, padding=pad, pad_if_needed=True): a window whose corner is
-    uniform over [-pad, H - size + pad] x [-pad, W - size + pad], zeros outside the image."""
+    uniform over [-pad, H - size + pad] x [-pad, W - size + pad], zeros outside the image. The floor
+    is explicit: DALI's cast rounds to nearest, which gave the end offsets half the probability and
+    reached pad + 1 (tests/test_augment.py)."""
     from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
     def corner(extent, out):  # integer uniform in [-pad, extent - out + pad]
         span = fn.cast(extent, dtype=types.FLOAT) - out + float(2 * pad + 1)
-        return fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32) - pad
+        k = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * span), span - 1)
+        return fn.cast(k, dtype=types.INT32) - pad
 
     start = fn.stack(corner(shape[0], size[0]), corner(shape[1], size[1]))
     return fn.slice(images, start=start, shape=fn.cast(size, dtype=types.INT32), axis_names="HW",
@@ -118,7 +124,7 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
 
     mean, std = folder.normalisation(cfg)
 
-    @pipeline_def(**kw)
+    @pipeline_def(enable_conditionals=train and cfg.auto_augment != "none", **kw)  # auto_aug branches per sample
     def pipe():
         n = 4 if feed.sized else 3  # + the per-sample output size of the training resize
         outputs = fn.external_source(source=feed, num_outputs=n, batch=True,
@@ -143,8 +149,12 @@ def make_pipeline(feed: Feed, train: bool, cfg, gpu: bool, hwc: bool, **kw):
             images = fn.decoders.image(data, output_type=types.RGB, **decoder)
             images = fn.resize(images, size=out_size, interp_type=types.INTERP_LINEAR, antialias=True)
             mirror, crop = 0, dict(crop=(cfg.val_crop, cfg.val_crop), crop_pos_y=pos_y, crop_pos_x=pos_x)
+        if train and cfg.auto_augment != "none":  # uint8 HWC, before the flip: data/augment.py says why
+            images = augment.dali_auto_augment(images, size, cfg)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC" if hwc else "CHW",
                                           mean=mean, std=std, mirror=mirror, **crop)
+        if train and cfg.random_erasing:  # on the normalised image, as torchvision's recipes
+            images = augment.dali_random_erasing(images, size, cfg.random_erasing)
         return images, labels.gpu() if gpu else labels, index
 
     return pipe()
@@ -207,7 +217,7 @@ class DaliTrainLoader(DaliLoader):
         super().__init__(batch=sampler.batch, **kw)
         self.sampler = sampler
         self.num_samples = sampler.n
-        self.steps_per_epoch = steps_per_epoch(sampler.n, sampler.batch, sampler.world)
+        self.steps_per_epoch = sampler.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_sample)
@@ -218,7 +228,7 @@ class DaliTrainLoader(DaliLoader):
     def plan(self, position):
         epoch, start = position
         s = self.sampler
-        sampler = GlobalBatchSampler(s.n, s.batch, s.rank, s.world, s.seed, s.shuffle)
+        sampler = GlobalBatchSampler(s.n, s.batch, s.rank, s.world, s.seed, s.shuffle, s.repeats)
         while True:
             sampler.set_epoch(epoch, start)
             keys, size = [i for i, _ in sampler], train_crop_at(self.cfg, epoch)

@@ -121,7 +121,8 @@ def open_splits(cfg) -> tuple[Split, Split]:
 def shard(cfg, train: Split, val: Split, info: RankInfo, seed: int) -> tuple[GlobalBatchSampler, range]:
     """This rank's part: the sampler of the one global training order, and a disjoint
     contiguous validation share (every image counted exactly once across ranks)."""
-    sampler = GlobalBatchSampler(len(train), cfg.batch_size, info.rank, info.world_size, seed)
+    sampler = GlobalBatchSampler(len(train), cfg.batch_size, info.rank, info.world_size, seed,
+                                 repeats=cfg.repeated_aug)
     return sampler, val_range(len(val), info.rank, info.world_size)
 
 

@@ -5,6 +5,15 @@ size. Here the order of an epoch is a permutation of the whole dataset seeded by
 global batch g is `order[g*B*W : (g+1)*B*W]` and rank r reads its r-th slice of B. A position is
 a count of *global* samples, so a run stopped after k samples resumes at sample k on any number
 of ranks, and 1 rank with batch 2B reads exactly the samples 2 ranks with batch B read.
+
+Repeated augmentation (`data.repeated_aug: k > 1`, Hoffer et al. 2019; DeiT's and torchvision's
+`RASampler`): the global sequence of an epoch is the order with every index written k times in a
+row, `order[p // k]` at global position p, copy number `p % k` (part of the augmentation seed, so
+the copies are augmented differently), and position p goes to rank `p % W` (RASampler's
+`indices[rank::W]`), so the k copies of an index sit on k different ranks whenever W >= k. The
+epoch is as long as RASampler's, `floor(n // 256 * 256 / W)` samples per rank, cut to whole
+batches: about n samples, hence about n / k distinct images an epoch, each k times. Positions are
+still global, so resume at any global sample and any world size work as without it.
 """
 
 from __future__ import annotations
@@ -21,14 +30,21 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return torch.randperm(num_samples, generator=g)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Augmentation seed of one sample in one epoch: independent of ranks, workers and resumes."""
-    return (seed * 1_000_003 + epoch * 10_007_951 + index) % 2**63
+REPEAT_STRIDE = 1_000_000_000_039  # > epoch * 10_007_951 + index of any real run: copies never share seeds
 
 
-def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """Augmentation seed of one sample (copy `repeat` under repeated augmentation) in one epoch:
+    independent of ranks, workers and resumes."""
+    return (seed * 1_000_003 + epoch * 10_007_951 + index + repeat * REPEAT_STRIDE) % 2**63
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, repeats: int = 1) -> int:
     """Every rank runs the same number of steps (DDP would hang otherwise); the remainder is
-    smaller than one global batch and is dropped, as DLE and torchvision's references do."""
+    smaller than one global batch and is dropped, as DLE and torchvision's references do. With
+    `repeats` > 1, torchvision's RASampler epoch: `num_samples // 256 * 256 // world_size` per rank."""
+    if repeats > 1:
+        return num_samples // 256 * 256 // world_size // batch_size
     return num_samples // (batch_size * world_size)
 
 
@@ -36,13 +52,18 @@ class GlobalBatchSampler:
     """Yields this rank's (index, augmentation seed) pairs for one epoch, one per sample."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, repeats: int = 1):
         self.n, self.batch, self.rank, self.world = num_samples, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.repeats = seed, shuffle, repeats
         self.epoch, self.start = 0, 0
-        if steps_per_epoch(num_samples, batch_size, world_size) == 0:
-            raise DataError(f"dataset of {num_samples} samples is smaller than one global batch "
+        if self.steps_per_epoch == 0:
+            ra = f" (data.repeated_aug: an epoch of {num_samples // 256 * 256}, RASampler's)" if repeats > 1 else ""
+            raise DataError(f"dataset of {num_samples} samples{ra} is smaller than one global batch "
                             f"({batch_size} x {world_size} ranks)")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.n, self.batch, self.world, self.repeats)
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         """Start `epoch` after `start_sample` global samples were already consumed."""
@@ -53,16 +74,27 @@ class GlobalBatchSampler:
         return self.batch * self.world
 
     def __len__(self) -> int:  # samples this rank reads from `start` to the end of the epoch
-        end = steps_per_epoch(self.n, self.batch, self.world) * self.global_batch
+        end = self.steps_per_epoch * self.global_batch
         return max(0, (end - self.start) // self.global_batch) * self.batch
 
     def __iter__(self):
+        if self.repeats > 1:
+            yield from self._iter_repeated()
+            return
         order = epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist()
         gb = self.global_batch
         for g in range(len(self) // self.batch):
             lo = self.start + g * gb + self.rank * self.batch
             for i in order[lo:lo + self.batch]:
                 yield i, sample_seed(self.seed, self.epoch, i)
+
+    def _iter_repeated(self):
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        k, w, gb = self.repeats, self.world, self.global_batch
+        for g in range(len(self) // self.batch):
+            pos = self.start + g * gb + self.rank + w * torch.arange(self.batch)
+            for i, rep in zip(order[pos // k].tolist(), (pos % k).tolist()):
+                yield i, sample_seed(self.seed, self.epoch, i, rep)
 
 
 def val_range(num_samples: int, rank: int, world_size: int) -> range:

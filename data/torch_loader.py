@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from data import folder
+from data import augment, folder
 from data.contract import RankInfo
-from data.sampler import GlobalBatchSampler, sample_seed, steps_per_epoch, train_crop_at
+from data.sampler import GlobalBatchSampler, sample_seed, train_crop_at
 
 
 def decode(data: np.ndarray) -> torch.Tensor:
@@ -29,12 +29,14 @@ def decode(data: np.ndarray) -> torch.Tensor:
 
 def train_transform(cfg, size: int) -> v2.Transform:
     """`data.crop`: random_resized (Inception/ImageNet) or pad (the ResNet paper's CIFAR crop:
-    zero-pad `data.pad` px, cut a random `size` window; for images that are already `size` px)."""
+    zero-pad `data.pad` px, cut a random `size` window; for images that are already `size` px);
+    then the flip and `data.auto_augment` (data/augment.py). Random erasing comes after the
+    normalisation, on the device (`ImageFolderDataset(erasing=...)`, `DeviceBatches`)."""
     if cfg.crop == "pad":
         crop = v2.RandomCrop(size, padding=cfg.pad, pad_if_needed=True)
     else:
         crop = v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True)
-    return v2.Compose([crop, *([v2.RandomHorizontalFlip()] if cfg.hflip else [])])
+    return v2.Compose([crop, *([v2.RandomHorizontalFlip()] if cfg.hflip else []), *augment.torch_auto_augment(cfg)])
 
 
 def val_transform(resize: int, size: int) -> v2.Transform:
@@ -44,15 +46,18 @@ def val_transform(resize: int, size: int) -> v2.Transform:
 class ImageFolderDataset(Dataset):
     """Reads (index, seed, size) keys from a `folder.Split`; an undecodable sample is replaced by
     the next readable one and flagged (`folder.first_readable`). `transform(size)` gives the
-    augmentation for an output size (the size changes per epoch under progressive resizing)."""
+    augmentation for an output size (the size changes per epoch under progressive resizing).
+    `erasing` > 0: each item also carries the box v2.RandomErasing(erasing) draws for it, from the
+    same seed right after the transform (`augment.ErasingBox`); `DeviceBatches` erases it."""
 
-    def __init__(self, split: folder.Split, transform: Callable[[int], v2.Transform]):
+    def __init__(self, split: folder.Split, transform: Callable[[int], v2.Transform], erasing: float = 0.0):
         self.split, self.make_transform, self.transforms = split, transform, {}
+        self.erasing = augment.ErasingBox(p=erasing) if erasing else None
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, bool]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple:  # image, label, read ok[, erase box]
         index, seed, size = key
         image, read = folder.first_readable(self.split, index, decode)
         # Seed the transform's draws, then give the caller its RNG back (workers=0). By hand on the
@@ -65,14 +70,17 @@ class ImageFolderDataset(Dataset):
             if size not in self.transforms:
                 self.transforms[size] = self.make_transform(size)
             image = self.transforms[size](image)
+            box = self.erasing.box(image) if self.erasing else None
         finally:
             gen.set_state(saved)
-        return image, self.split.label(read), read == index
+        item = image, self.split.label(read), read == index
+        return item if box is None else (*item, box)
 
 
 def collate(batch):
-    images, labels, ok = zip(*batch)
-    return torch.stack(images), torch.tensor(labels), len(ok) - sum(ok)
+    """(uint8 images, labels, skipped count, erase boxes or None)."""
+    images, labels, ok, *boxes = zip(*batch)
+    return torch.stack(images), torch.tensor(labels), len(ok) - sum(ok), torch.stack(boxes[0]) if boxes else None
 
 
 class DeviceBatches:
@@ -89,11 +97,13 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels, skipped in self.loader:
+        for images, labels, skipped, boxes in self.loader:
             self.skipped += skipped
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             images = (images.float() - self.mean) / self.std
+            if boxes is not None:  # random erasing, on the normalised image (data/augment.py)
+                images = augment.erase(images, boxes)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
@@ -118,7 +128,7 @@ class TorchTrainLoader(DeviceBatches):
         super().__init__(**kw)
         self.sampler = sampler
         self.num_samples = sampler.n
-        self.steps_per_epoch = steps_per_epoch(sampler.n, sampler.batch, sampler.world)
+        self.steps_per_epoch = sampler.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_sample)
@@ -139,7 +149,7 @@ def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     pin = cfg.pin_memory and info.device.type == "cuda"
     common = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin,
                   persistent_workers=cfg.workers > 0)
-    train = DataLoader(ImageFolderDataset(train_split, train_tf), batch_size=cfg.batch_size,
+    train = DataLoader(ImageFolderDataset(train_split, train_tf, cfg.random_erasing), batch_size=cfg.batch_size,
                        sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)), drop_last=True,
                        prefetch_factor=4 if cfg.workers else None, **common)
     val_keys = [(i, sample_seed(seed, 0, i), cfg.val_crop) for i in share]

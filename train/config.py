@@ -67,6 +67,14 @@ class DataConfig(Section):
     progressive_start_epoch: int = 0
     progressive_end_epoch: int = 0
     hflip: bool = True
+    # after crop and flip, on both loaders (data/augment.py): torchvision v2 / nvidia.dali.auto_aug
+    auto_augment: Literal["none", "trivial_augment", "rand_augment"] = "none"  # TrivialAugmentWide | RandAugment
+    rand_augment_n: int = 2  # RandAugment: ops per image (torchvision's default)
+    rand_augment_m: int = 9  # RandAugment: magnitude bin, 0..30 (torchvision's default)
+    random_erasing: float = 0.0  # probability of v2.RandomErasing (value 0 on the normalised image); 0 = off
+    # repeated augmentation (DeiT/torchvision RASampler, data/sampler.py): each image k times an epoch on
+    # different ranks, differently augmented; the epoch stays ~n samples (n // 256 * 256); 1 = off
+    repeated_aug: int = 1
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_classes: int = 0  # 0 = count the class folders
@@ -75,7 +83,7 @@ class DataConfig(Section):
     synthetic_samples: int = 1281167  # epoch length of data.loader=synthetic (ImageNet's)
 
     def validate(self, prefix: str) -> None:
-        self._positive(prefix, "batch_size", "train_crop", "val_crop")
+        self._positive(prefix, "batch_size", "train_crop", "val_crop", "repeated_aug")
         self._non_negative(prefix, "workers", "val_batch_size", "pad")
         if self.progressive_min_crop and not (
                 0 < self.progressive_min_crop <= self.train_crop
@@ -84,6 +92,11 @@ class DataConfig(Section):
                               "and progressive_start_epoch <= progressive_end_epoch")
         if not 0 < self.min_scale <= 1:
             raise ConfigError(f"{prefix}min_scale: must be in (0, 1], got {self.min_scale}")
+        if not 0 <= self.random_erasing <= 1:
+            raise ConfigError(f"{prefix}random_erasing: must be a probability in [0, 1], got {self.random_erasing}")
+        self._positive(prefix, "rand_augment_n")
+        if not 0 <= self.rand_augment_m <= 30:
+            raise ConfigError(f"{prefix}rand_augment_m: must be a magnitude bin in 0..30, got {self.rand_augment_m}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError(f"{prefix}mean/{prefix}std: need the same length and positive std")
         if self.val_resize < self.val_crop:
