@@ -18,6 +18,8 @@ still global, so resume at any global sample and any world size work as without 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from data.contract import DataError
@@ -83,8 +85,12 @@ class GlobalBatchSampler:
             return
         order = epoch_order(self.n, self.seed, self.epoch, self.shuffle).tolist()
         gb = self.global_batch
+        trace = os.environ.get("RESNET_SAMPLE_TRACE")  # debug (tests/test_elastic.py): a folder
         for g in range(len(self) // self.batch):
             lo = self.start + g * gb + self.rank * self.batch
+            if trace:  # "epoch world_size global_position index...", one line per batch, a file per process
+                with open(os.path.join(trace, f"rank{self.rank}-pid{os.getpid()}.txt"), "a") as f:
+                    f.write(f"{self.epoch} {self.world} {lo} {' '.join(map(str, order[lo:lo + self.batch]))}\n")
             for i in order[lo:lo + self.batch]:
                 yield i, sample_seed(self.seed, self.epoch, i)
 
