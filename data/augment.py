@@ -24,7 +24,7 @@ U(log 0.3, log 3.3), h = round(sqrt(area * ratio)), w = round(sqrt(area / ratio)
 that fits (h < H and w < W), corner uniform over the positions where it fits; none if no try fits.
 - torch: the worker, inside the sample's seeded block, runs torchvision's own RandomErasing draws
   (`ErasingBox`: its forward and make_params, unchanged) and returns the box instead of erasing;
-  `erase` zeroes the boxes on the device after normalisation. One uint8 image plus 4 integers
+  `erase_` zeroes the boxes on the device after normalisation. One uint8 image plus 4 integers
   cross to the device, and the erased pixels are exactly torchvision's 0 on the normalised image.
 - DALI: `dali_random_erasing` unrolls the same 10 tries as per-sample arithmetic on DALI's RNG
   and `fn.erase(fill_value=0)` applies the box to the normalised output.
@@ -69,15 +69,22 @@ class ErasingBox(v2.RandomErasing):
         return inpt
 
 
-def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """images (N, C, H, W) with box n = (i, j, h, w) set to 0, as torchvision's F.erase(v=0)."""
-    boxes = boxes.to(images.device, non_blocking=True)
-    i, j, h, w = boxes.unbind(1)
+def erase_(images: torch.Tensor, boxes: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+    """Sets box n = (i, j, h, w) of images (N, C, H, W) to 0 in place, as torchvision's F.erase(v=0);
+    `boxes` int (N, 4) on the host. `masked` (default: off the CPU) is one masked fill over the batch
+    (one kernel, no host sync); otherwise a slice per erased image, which touches only the boxes
+    (on this CPU, 256 images of 224 px with p = 0.25: 1.7 ms against 89 ms for the masked fill)."""
+    if not (images.device.type != "cpu" if masked is None else masked):
+        for n, (i, j, h, w) in enumerate(boxes.tolist()):
+            if h:
+                images[n, :, i:i + h, j:j + w] = 0.0
+        return images
+    i, j, h, w = boxes.to(images.device, non_blocking=True).unbind(1)
     ys = torch.arange(images.shape[-2], device=images.device)
     xs = torch.arange(images.shape[-1], device=images.device)
     rows = (ys >= i[:, None]) & (ys < (i + h)[:, None])
     cols = (xs >= j[:, None]) & (xs < (j + w)[:, None])
-    return images.masked_fill(rows[:, None, :, None] & cols[:, None, None, :], 0.0)
+    return images.masked_fill_(rows[:, None, :, None] & cols[:, None, None, :], 0.0)
 
 
 def dali_auto_augment(images, size, cfg):

@@ -103,7 +103,7 @@ class DeviceBatches:
             labels = labels.to(self.device, non_blocking=True)
             images = (images.float() - self.mean) / self.std
             if boxes is not None:  # random erasing, on the normalised image (data/augment.py)
-                images = augment.erase(images, boxes)
+                images = augment.erase_(images, boxes)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
