@@ -178,6 +178,7 @@ class TrainConfig(Section):
     seed: int = 0
     deterministic: bool = False
     eval_every: int = 1  # epochs
+    eval_hflip: bool = False  # evaluate on the mean logits of each image and its mirror (flip TTA)
     max_steps: int = 0  # stop after this many global steps (tests, benchmarks); 0 = off
     resume: str = "auto"  # auto (latest in run dir) | off | path to a checkpoint dir
 

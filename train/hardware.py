@@ -182,16 +182,16 @@ def allow_tf32() -> None:
 # -- threads --------------------------------------------------------------------------------------
 
 
-def cpu_threads(requested: int, local_world_size: int, loader_workers: int, cpus: int | None = None) -> int:
-    """Intra-op threads of one rank: `requested`, or its share of the CPUs it may use.
+def cpu_threads(requested: int, *, cpus: int, sharing: int, loader_workers: int) -> int:
+    """Intra-op threads of one rank: `requested`, or its share of the CPUs it may run on.
 
     torchrun sets OMP_NUM_THREADS=1 whenever it starts several processes per node, which leaves
-    all but one core per rank idle when ranks have more. The share is the affinity mask split
-    evenly between the node's ranks, less the decode worker processes (torch loader) that run
-    beside each rank, so the two do not fight over cores (OpenMP threads spin on a busy core).
+    all but one core per rank idle when ranks have more. The share is this rank's affinity mask
+    (`cpus` CPUs) split between the `sharing` ranks of the node whose masks overlap it (1 once
+    torchrun --numa-binding or slurm/binding.py gave each rank its own CPUs), less the decode
+    worker processes (torch loader) that run beside each rank, so that the two do not fight
+    over cores (OpenMP threads spin on a busy core).
     """
     if requested > 0:
         return requested
-    cpus = cpus or cpu_info().cpus
-    share = max(1, cpus // max(1, local_world_size))
-    return max(1, share - loader_workers)
+    return max(1, cpus // max(1, sharing) - loader_workers)

@@ -168,15 +168,18 @@ def train_one_epoch(step: TrainStep, loader, state: TrainState, *, global_batch:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, criterion: nn.Module, amp: str) -> dict[str, float]:
-    """Exact top-1/top-5/loss over the whole split: each rank counts its disjoint share."""
+def evaluate(model: nn.Module, loader, criterion: nn.Module, amp: str, *, hflip_tta: bool = False) -> dict[str, float]:
+    """Exact top-1/top-5/loss over the whole split: each rank counts its disjoint share.
+    `hflip_tta`: the logits are the mean of the image's and its mirror image's."""
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1, top5, n
     for images, labels in loader:
         with autocast(device, amp):
-            logits = model(images)
-        loss = criterion(logits.float(), labels)
+            logits = model(images).float()
+            if hflip_tta:
+                logits = (logits + model(images.flip(3)).float()) / 2
+        loss = criterion(logits, labels)
         top5 = logits.topk(min(5, logits.size(1)), dim=1).indices
         hit = top5 == labels[:, None]
         n = labels.numel()

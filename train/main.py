@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with distributed.process_group(cfg.dist) as info:
             return fit(cfg, info)
-    except (config_lib.ConfigError, DataError, FileNotFoundError, UnsafeCheckpoint) as e:  # user errors found after start-up
+    except (config_lib.ConfigError, DataError, FileNotFoundError, UnsafeCheckpoint) as e:  # found after start-up
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLoss as e:

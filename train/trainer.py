@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +75,17 @@ def set_threads(cfg, info: DistInfo) -> int:
     """Intra-op threads from this rank's share of the CPUs (torchrun's OMP_NUM_THREADS=1 would
     leave the rest idle); an OMP_NUM_THREADS other than torchrun's 1 is the user's and is kept."""
     user = os.environ.get("OMP_NUM_THREADS", "1")
-    workers = cfg.data.workers if cfg.data.loader == "torch" else 0  # DALI's threads wait on the GPU or I/O
-    threads = int(user) if user != "1" and not cfg.dist.cpu_threads else hardware.cpu_threads(
-        cfg.dist.cpu_threads, info.local_world_size, workers)
+    if user != "1" and not cfg.dist.cpu_threads:
+        threads = int(user)
+    else:
+        mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        masks = [(socket.gethostname(), mask)]
+        if torch.distributed.is_initialized() and info.world_size > 1:
+            masks = [None] * info.world_size
+            torch.distributed.all_gather_object(masks, (socket.gethostname(), mask))
+        sharing = sum(host == socket.gethostname() and bool(m & mask) for host, m in masks)
+        workers = cfg.data.workers if cfg.data.loader == "torch" else 0  # DALI's threads wait on the GPU or I/O
+        threads = hardware.cpu_threads(cfg.dist.cpu_threads, cpus=len(mask), sharing=sharing, loader_workers=workers)
     torch.set_num_threads(threads)
     return threads
 
@@ -130,7 +139,8 @@ class Run:
 
     def validate(self) -> dict[str, float]:
         sync_buffers(self.bare)
-        metrics = evaluate(self.bare, self.val_loader, self.eval_criterion, self.step.amp)
+        metrics = evaluate(self.bare, self.val_loader, self.eval_criterion, self.step.amp,
+                           hflip_tta=self.cfg.train.eval_hflip)
         self.monitor.log_eval(self.state, metrics)
         return metrics
 
