@@ -75,6 +75,12 @@ class DataConfig(Section):
     # repeated augmentation (DeiT/torchvision RASampler, data/sampler.py): each image k times an epoch on
     # different ranks, differently augmented; the epoch stays ~n samples (n // 256 * 256); 1 = off
     repeated_aug: int = 1
+    # MixUp / CutMix on the device after the loader, on every loader (data/mix.py): Beta(alpha, alpha)
+    # mixing weights; 0 = off. The train loss sees soft targets; validation is never mixed.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # probability that a batch is mixed at all (timm's mixup_prob)
+    mix_switch_prob: float = 0.5  # with both alphas > 0: probability of CutMix instead of MixUp (timm's)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_classes: int = 0  # 0 = count the class folders
@@ -84,6 +90,10 @@ class DataConfig(Section):
 
     def validate(self, prefix: str) -> None:
         self._positive(prefix, "batch_size", "train_crop", "val_crop", "repeated_aug")
+        self._non_negative(prefix, "mixup_alpha", "cutmix_alpha")
+        for name in ("mix_prob", "mix_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{prefix}{name}: must be a probability in [0, 1], got {getattr(self, name)}")
         self._non_negative(prefix, "workers", "val_batch_size", "pad")
         if self.progressive_min_crop and not (
                 0 < self.progressive_min_crop <= self.train_crop
@@ -139,10 +149,16 @@ class OptimConfig(Section):
     bce_target_threshold: float = 0.0  # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
     bce_sum: bool = False  # bce: sum over classes, mean over batch (timm --bce-sum); False: mean of both (timm)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # weight EMA (train/ema.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
+    # updated every `ema_every` steps with decay ** ema_every; evaluated as val_ema/*, saved as "ema"
+    ema_decay: float = 0.0
+    ema_every: int = 1
     implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
 
     def validate(self, prefix: str) -> None:
-        self._positive(prefix, "lr_reference_batch")
+        self._positive(prefix, "lr_reference_batch", "ema_every")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{prefix}ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         self._non_negative(prefix, "lr", "weight_decay", "momentum", "grad_clip")
         if self.lr == 0:
             raise ConfigError(f"{prefix}lr: must be > 0, got 0")
@@ -211,6 +227,7 @@ class CheckpointConfig(Section):
     every_steps: int = 0
     keep: int = 3
     keep_best: bool = True
+    best_by: Literal["val", "val_ema"] = "val"  # best.json: the model's val top-1 or the EMA's (optim.ema_decay)
     async_save: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -344,6 +361,8 @@ def validate(cfg: Config, check_data: bool = True) -> None:
             if typing.get_origin(hints[f.name]) is Literal:
                 _coerce(f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name])
         obj.validate(prefix)
+    if cfg.checkpoint.best_by == "val_ema" and not cfg.optim.ema_decay:
+        raise ConfigError("checkpoint.best_by: val_ema needs optim.ema_decay > 0")
     if check_data and cfg.data.loader != "synthetic":
         if not cfg.data.root:
             raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")

@@ -1,6 +1,7 @@
 """Export a run's checkpoint as one torchvision-compatible state_dict file.
 
     python -m train.export runs/imagenet_resnet50 resnet50.pth [--checkpoint step_12000]
+    python -m train.export runs/imagenet_resnet50 resnet50_ema.pth --ema   # the weight EMA (train/ema.py)
 
 The file loads with `torch.load(path, weights_only=True)` into torchvision's model of the same
 name (keys and shapes are torchvision's) and back into ours with `model.weights=resnet50.pth`.
@@ -38,9 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="run directory or one checkpoint directory (step_<n>)")
     p.add_argument("out", type=Path)
+    p.add_argument("--ema", action="store_true", help="the EMA weights (optim.ema_decay), saved as ema.module.*")
     args = p.parse_args(argv)
     try:
-        sd = model_state_dict(args.run)
+        sd = model_state_dict(args.run, "ema.module" if args.ema else "model")
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)

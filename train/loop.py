@@ -154,7 +154,9 @@ def train_one_epoch(step: TrainStep, loader, state: TrainState, *, global_batch:
         step.scheduler.step()
         with torch.no_grad():
             n = torch.tensor(float(labels.shape[0]), device=device)
-            sums.add(loss=loss * n, correct=(logits.argmax(1) == labels).sum(), count=n,
+            # soft targets (MixUp/CutMix, data/mix.py): a hit is the argmax of the mixed target, its dominant label
+            target = labels if labels.ndim == 1 else labels.argmax(1)
+            sums.add(loss=loss * n, correct=(logits.argmax(1) == target).sum(), count=n,
                      nonfinite=(~torch.isfinite(loss)).float())
         state.step += 1
         state.sample_in_epoch += global_batch  # equal batches on all ranks

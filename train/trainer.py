@@ -18,13 +18,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import build_loaders
+from data import build_loaders, mix
 from train import config as config_lib
+from train import ema as ema_lib
 from train import hardware, models, sync_batchnorm
 from train.callbacks import CheckpointCadence, StopOnSignal, StopSignal, WaitForStaging
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, Value, find_resume
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.loop import NonFiniteLoss, StopTraining, TrainState, TrainStep, evaluate, train_one_epoch
+from train.losses import build_criterion
 from train.monitor import Monitor, setup_logging
 from train.optim import build_optimizer, build_scheduler
 from train.summary import RunSummary
@@ -130,6 +132,8 @@ class Run:
 
     def save(self, top1: float | None = None, wait: bool = False) -> None:
         sync_buffers(self.bare)
+        if "ema" in self.states:
+            sync_buffers(self.states["ema"].module)
         if not all_finite(self.bare):  # the loss check trails the weights by one step
             raise NonFiniteLoss(f"non-finite weights at step {self.state.step}; lower optim.lr or set "
                                 "optim.grad_clip; the last checkpoint is intact")
@@ -142,6 +146,13 @@ class Run:
         metrics = evaluate(self.bare, self.val_loader, self.eval_criterion, self.step.amp,
                            hflip_tta=self.cfg.train.eval_hflip)
         self.monitor.log_eval(self.state, metrics)
+        if "ema" in self.states:  # the weight EMA (train/ema.py), logged as val_ema/*
+            ema = self.states["ema"].module
+            sync_buffers(ema)
+            ema_metrics = evaluate(ema, self.val_loader, self.eval_criterion, self.step.amp,
+                                   hflip_tta=self.cfg.train.eval_hflip)
+            self.monitor.log_eval(self.state, ema_metrics, prefix="val_ema")
+            metrics = {**metrics, **{f"ema_{k}": v for k, v in ema_metrics.items()}}
         return metrics
 
 
@@ -155,6 +166,8 @@ def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     train_loader, val_loader, classes = build_loaders(cfg.data, info, seed=cfg.train.seed,
                                                       channels_last=cfg.model.channels_last)
     num_classes = cfg.data.num_classes or len(classes)
+    train_loader = mix.wrap(train_loader, cfg.data, num_classes=num_classes, seed=cfg.train.seed,
+                            world_size=info.world_size, rank=info.rank)  # MixUp/CutMix: soft targets
     model, bare = build_model(cfg, num_classes, info)
     amp = choose_amp(cfg, info, bare)
     global_batch = cfg.data.batch_size * info.world_size
@@ -162,12 +175,13 @@ def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     step = TrainStep(model=model, optimizer=optimizer,
                      scheduler=build_scheduler(cfg.schedule, optimizer, train_loader.steps_per_epoch, cfg.train.epochs),
                      scaler=torch.amp.GradScaler(info.device.type, enabled=amp == "fp16"),
-                     criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+                     criterion=build_criterion(cfg.optim),
                      amp=amp, grad_clip=cfg.optim.grad_clip)
     state = TrainState()
     states = {"model": ModelState(bare), "optim": OptimizerState(bare, optimizer), "scheduler": step.scheduler,
               "scaler": step.scaler, "train_state": state, "config": Value(config_lib.to_dict(cfg)),
-              f"rng_rank{info.rank}": RNGState(info.world_size)}
+              f"rng_rank{info.rank}": RNGState(info.world_size),
+              **ema_lib.build(cfg, bare, train_loader.steps_per_epoch)}
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, info)
     resume_from = find_resume(cfg.train.resume, run_dir)
     if resume_from is not None:
@@ -190,6 +204,7 @@ def train_epochs(run: Run, stop: StopSignal) -> tuple[dict[str, float], float, i
     Returns the last evaluation's metrics, the training seconds and the samples trained."""
     cfg, state = run.cfg, run.state
     callbacks = [WaitForStaging(run.checkpointer), run.monitor,
+                 *[run.states[n] for n in ("ema",) if n in run.states],  # before the cadence saves
                  CheckpointCadence(every_steps=cfg.checkpoint.every_steps, max_steps=cfg.train.max_steps,
                                    save=lambda _: run.save()),
                  StopOnSignal(stop, every=cfg.log.every, device=run.info.device)]
@@ -223,6 +238,8 @@ def train_epochs(run: Run, stop: StopSignal) -> tuple[dict[str, float], float, i
             metrics = run.validate()
             top1 = metrics["top1"]
             state.best_top1 = max(state.best_top1, top1)
+            if cfg.checkpoint.best_by == "val_ema":
+                top1 = metrics["ema_top1"]
         if state.epoch % cfg.checkpoint.every_epochs == 0 or last:
             run.save(top1)
     return metrics, train_time, samples
@@ -238,6 +255,7 @@ def finish(run: Run, metrics: dict[str, float], *, wall_time: float, train_time:
     summary = RunSummary(run.run_dir, is_main=run.info.is_main)
     summary.update(final_top1=metrics["top1"], final_top5=metrics["top5"], final_val_loss=metrics["loss"],
                    best_top1=max(run.state.best_top1, metrics["top1"]), epochs=run.state.epoch,
+                   **({"final_ema_top1": metrics["ema_top1"]} if "ema_top1" in metrics else {}),
                    steps=run.state.step, wall_time_s=wall_time, train_images_per_s=samples / max(train_time, 1e-9),
                    world_size=run.info.world_size, device=run.info.device.type,
                    config=config_lib.to_dict(run.cfg))
