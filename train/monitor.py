@@ -173,11 +173,13 @@ class Monitor(Callback):
         if not self.is_main:
             return
         self.tb.log({f"{prefix}/{k}": metrics[k] for k in ("loss", "top1", "top5")}, state.step)
-        self.best_top5 = max(self.best_top5, metrics["top5"])
+        if prefix == "val":  # the model's; val_ema (train/ema.py) has its own scalars
+            self.best_top5 = max(self.best_top5, metrics["top5"])
         log.info("step %d (epoch %.2f)  %s loss %.4f  top1 %.2f  top5 %.2f  (%d images)", state.step,
                  state.step / self.steps_per_epoch, prefix, metrics["loss"], metrics["top1"], metrics["top5"],
                  metrics["count"])
-        if self.tb.enabled and self.cfg.feature_maps and self.probe is not None and self.model is not None:
+        if (self.tb.enabled and self.cfg.feature_maps and self.probe is not None and self.model is not None
+                and prefix == "val"):  # the trained model's feature maps, once per evaluation
             if not self._probe_logged:
                 self._probe_logged = True
                 self.tb.image("features/input", vis.input_grid(self.probe, self.mean, self.std), state.step)
