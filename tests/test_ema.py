@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tests.conftest import run_trainer, write_config
-from train import export
+from train import evaluate, export
 from train.ema import EMA, torchvision_decay_per_step
 from train.loop import TrainState
 
@@ -58,8 +58,11 @@ def test_torchvision_decay_conversion():
     assert per_step ** 32 == pytest.approx(1 - alpha, rel=1e-12)
 
 
+# with TrivialAugment and random erasing in the loader too (repeated augmentation needs >= 256
+# images for one RASampler epoch: its resume is tests/test_sampler.py's and test_elastic.py's)
 EMA_MIX = ["optim.ema_decay=0.9", "optim.ema_every=2", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
-           "data.mix_prob=0.8", "checkpoint.best_by=val_ema"]
+           "data.mix_prob=0.8", "checkpoint.best_by=val_ema", "data.auto_augment=trivial_augment",
+           "data.random_erasing=0.25"]
 
 
 def test_resume_with_ema_and_mixing_equals_uninterrupted(tmp_path, tiny_data):
@@ -80,6 +83,7 @@ def test_resume_with_ema_and_mixing_equals_uninterrupted(tmp_path, tiny_data):
     assert 0 <= summary["final_ema_top1"] <= 100
     best = json.loads((tmp_path / "runs/full/checkpoints/best.json").read_text())
     assert best["top1"] == pytest.approx(summary["final_ema_top1"]) or best["top1"] >= summary["final_ema_top1"]
+    assert evaluate.main([str(tmp_path / "runs/full"), "--ema"])[0]["top1"] == summary["final_ema_top1"]
     export.main([str(tmp_path / "runs/full"), str(tmp_path / "ema.pth"), "--ema"])
     saved = torch.load(tmp_path / "ema.pth", weights_only=True)
     assert saved.keys() == ema.keys() and all(torch.equal(saved[k], ema[k]) for k in ema)
