@@ -9,7 +9,7 @@ worker each, stand for two nodes (gloo, CPU).
     across the two phases: each process writes the batches its sampler hands out
     (RESNET_SAMPLE_TRACE, data/sampler.py), cut at the checkpoint the survivor resumed from.
   * The learning rate after that resume continues the uninterrupted run's curve at the same sample
-    count, its peak rescaled to the new global batch (xfail until the schedule follows samples).
+    count, its peak rescaled to the new global batch (train/optim.py: the schedule follows samples).
 
     .venv/bin/python -m pytest -q tests/test_elastic.py
 """
@@ -252,8 +252,6 @@ def lr_by_step(tb: Path, last_process: bool = False) -> dict[int, float]:
     return runs[-1] if last_process else {k: v for run in runs for k, v in run.items()}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="schedule follows steps until issue 15's schedule change lands")
 def test_lost_agent_lr_continues_the_schedule(lost_node, reference):
     """After the resume on 1 rank (global batch 8 instead of 16), the LR at every sample count equals
     the uninterrupted 2-rank run's LR there, times 8/16 (the peak by the linear rule)."""

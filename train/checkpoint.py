@@ -265,6 +265,18 @@ def _load(sd: dict, path: Path, **kw) -> None:
         raise
 
 
+def load_value(path: Path, name: str) -> Any:
+    """The plain value saved as the named `Value` state `name` (e.g. "config"), read on this rank
+    alone before anything is built; None if the checkpoint holds no such state."""
+    if not any(k.startswith(f"{name}.") for k in saved_keys(path)):
+        return None
+    value = Value()
+    sd = {name: value.state_dict()}
+    _load(sd, path, no_dist=True)
+    value.load_state_dict(sd[name])
+    return value.value
+
+
 def find_resume(resume: str, run_dir: Path) -> Path | None:
     """`auto`: newest complete checkpoint in the run dir (None for a fresh run); `off`; or a path."""
     if resume == "off":

@@ -52,7 +52,11 @@ class DataConfig(Section):
     stage_dir: str = ""
     loader: Literal["torch", "dali", "synthetic"] = "torch"
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: gpu if CUDA
-    batch_size: int = 256  # per rank
+    batch_size: int = 256  # per rank; with global_batch: the largest micro-batch per rank
+    # the recipe's global batch (samples per optimizer step); the per-rank batch and optim.accumulate
+    # are derived from it and the world size (train/recipe.py), so the recipe survives a world-size
+    # change; 0 = off: global batch = batch_size x world size x optim.accumulate
+    global_batch: int = 0
     val_batch_size: int = 0  # per rank; 0 = batch_size
     workers: int = 8  # decode processes (torch) or threads (DALI) per rank
     train_crop: int = 224
@@ -90,6 +94,7 @@ class DataConfig(Section):
 
     def validate(self, prefix: str) -> None:
         self._positive(prefix, "batch_size", "train_crop", "val_crop", "repeated_aug")
+        self._non_negative(prefix, "global_batch")
         self._non_negative(prefix, "mixup_alpha", "cutmix_alpha")
         for name in ("mix_prob", "mix_switch_prob"):
             if not 0 <= getattr(self, name) <= 1:
@@ -149,6 +154,9 @@ class OptimConfig(Section):
     bce_target_threshold: float = 0.0  # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
     bce_sum: bool = False  # bce: sum over classes, mean over batch (timm --bce-sum); False: mean of both (timm)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # micro-batches per optimizer step (gradient accumulation, DDP no_sync on all but the last);
+    # with data.global_batch: must split the per-rank batch, or 1 = derive it from data.batch_size
+    accumulate: int = 1
     # weight EMA (train/ema.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
     # updated every `ema_every` steps with decay ** ema_every; evaluated as val_ema/*, saved as "ema"
     ema_decay: float = 0.0
@@ -160,6 +168,7 @@ class OptimConfig(Section):
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"{prefix}ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         self._non_negative(prefix, "lr", "weight_decay", "momentum", "grad_clip")
+        self._positive(prefix, "accumulate")
         if self.lr == 0:
             raise ConfigError(f"{prefix}lr: must be > 0, got 0")
         if not 0 <= self.label_smoothing < 1:
@@ -197,6 +206,8 @@ class TrainConfig(Section):
     eval_hflip: bool = False  # evaluate on the mean logits of each image and its mirror (flip TTA)
     max_steps: int = 0  # stop after this many global steps (tests, benchmarks); 0 = off
     resume: str = "auto"  # auto (latest in run dir) | off | path to a checkpoint dir
+    # recipe keys a resume may change (train/recipe.py), e.g. [optim.lr, schedule.*]; others stop it
+    allow_changes: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str) -> None:
         self._positive(prefix, "epochs", "eval_every")
@@ -363,6 +374,10 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         obj.validate(prefix)
     if cfg.checkpoint.best_by == "val_ema" and not cfg.optim.ema_decay:
         raise ConfigError("checkpoint.best_by: val_ema needs optim.ema_decay > 0")
+    sections = [f"{s.name}.*" for s in dataclasses.fields(cfg)]
+    for key in cfg.train.allow_changes:  # keys or whole sections (train/recipe.py)
+        if key not in sections and key not in _all_keys(cfg):
+            raise ConfigError(f"train.allow_changes: {_unknown(key, _all_keys(cfg))}")
     if check_data and cfg.data.loader != "synthetic":
         if not cfg.data.root:
             raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")

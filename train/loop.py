@@ -31,9 +31,15 @@ class StopTraining(Exception):
 
 @dataclass
 class TrainState:
-    """Where the run is. `step` counts optimizer steps since the start (logs, checkpoint names);
-    `epoch` (0-based) and `sample_in_epoch` (global samples consumed in it, on any world size)
-    say where the data order stands."""
+    """Where the run is.
+
+    - `step`: optimizer steps since the start, over every world size and batch the run had (logs,
+      TensorBoard's x axis, checkpoint names); with accumulation one step is k micro-batches.
+    - `epoch` (0-based) and `sample_in_epoch`: global samples consumed in the epoch (all ranks, all
+      micro-batches), on any world size: where the data order stands, and with the current run's
+      `epoch_samples` (optimizer steps per epoch x global batch) the schedule's position,
+      `epoch + sample_in_epoch / epoch_samples` (train/optim.py).
+    """
 
     epoch: int = 0
     step: int = 0
@@ -108,8 +114,15 @@ class Sums:
 
 
 def train_one_epoch(step: TrainStep, loader, state: TrainState, *, global_batch: int, log_every: int,
-                    callbacks: Sequence[Callback] = ()) -> None:
+                    callbacks: Sequence[Callback] = (), accumulate: int = 1) -> None:
+    """One epoch (or its rest, from `state.sample_in_epoch`). `global_batch`: samples per optimizer
+    step over all ranks; `accumulate`: micro-batches per optimizer step (DDP no_sync on all but the
+    last, loss / accumulate); the epoch's last loader.steps_per_epoch % accumulate micro-batches
+    are not trained (as a batch that does not fill is dropped). After every optimizer step the
+    scheduler is set to `epoch + sample_in_epoch / epoch_samples` (train/optim.py)."""
     model, optimizer, scaler = step.model, step.optimizer, step.scaler
+    epoch_samples = loader.steps_per_epoch // accumulate * global_batch
+    micro = 0  # micro-batches since the last optimizer step
     model.train()
     device = next(model.parameters()).device
     sums = Sums()
@@ -139,32 +152,43 @@ def train_one_epoch(step: TrainStep, loader, state: TrainState, *, global_batch:
         data_time += time.perf_counter() - t0
         for cb in callbacks:
             cb.on_batch(state, images)
-        with autocast(device, step.amp):
-            logits = model(images)
-            loss = step.criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for cb in callbacks:
-            cb.after_backward(state)
-        if step.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        step.scheduler.step()
+        micro += 1
+        last = micro == accumulate
+        no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:  # DDP: gradients all-reduced on the last micro-batch only
+            with autocast(device, step.amp):
+                logits = model(images)
+                loss = step.criterion(logits, labels)
+            if micro == 1:
+                optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        if last:
+            for cb in callbacks:
+                cb.after_backward(state)
+            if step.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         with torch.no_grad():
             n = torch.tensor(float(labels.shape[0]), device=device)
             # soft targets (MixUp/CutMix, data/mix.py): a hit is the argmax of the mixed target, its dominant label
             target = labels if labels.ndim == 1 else labels.argmax(1)
             sums.add(loss=loss * n, correct=(logits.argmax(1) == target).sum(), count=n,
                      nonfinite=(~torch.isfinite(loss)).float())
+        if not last:
+            continue
+        micro = 0
         state.step += 1
         state.sample_in_epoch += global_batch  # equal batches on all ranks
+        step.scheduler.set_progress(state.epoch + state.sample_in_epoch / epoch_samples)
         pending += 1
         if state.step % log_every == 0 or any(cb.flush_due(state) for cb in callbacks):
             flush()
         for cb in callbacks:
             cb.after_step(state)
+        if accumulate > 1 and state.sample_in_epoch >= epoch_samples:  # the rest cannot fill a step
+            break
     if pending:  # the epoch's last steps, checked before its checkpoint
         flush()
 

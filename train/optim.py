@@ -1,10 +1,15 @@
 """Optimizer and per-iteration learning-rate schedule.
 
 The peak LR follows the linear scaling rule (Goyal et al. 2017, DLE): `lr * global_batch /
-lr_reference_batch`. The schedule is a LambdaLR over *iterations* with linear warmup: one pure
-function of the step, so its value at any step is testable and the scheduler's state is just the
-step count. (Chaining LinearLR and CosineAnnealingLR with SequentialLR gives the same curve but
-re-steps the inner scheduler at the boundary and is awkward to resume mid-epoch.)
+lr_reference_batch`, with the global batch of the *current* run. The schedule is one pure function
+of the fraction of training done, `progress = epoch + sample_in_epoch / epoch_samples` (epochs, a
+float; `epoch_samples` = optimizer steps per epoch x global batch of the current run), not of the
+step: warmup, step/multistep boundaries and cosine/poly progress all follow samples, so a resume on
+another world size, per-rank batch or accumulation continues the same curve. `SampleLR` is a
+LambdaLR driven by `set_progress(progress)` once per optimizer step; on load it keeps the current
+run's base (peak) LRs and remembers the checkpoint's (`saved_peak`, `saved_global_batch`) so the
+trainer can log the change. (Chaining LinearLR and CosineAnnealingLR with SequentialLR gives the
+same curve but re-steps the inner scheduler at the boundary and is awkward to resume mid-epoch.)
 
 LARS and LAMB are timm's (`timm.optim.Lars`, `timm.optim.Lamb`), not in torch:
 - LARS (You et al. 2017): trust ratio eta * |w| / (|g| + wd * |w| + eps), eta = 0.001, on the
@@ -23,6 +28,7 @@ LARS and LAMB are timm's (`timm.optim.Lars`, `timm.optim.Lamb`), not in torch:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -69,25 +75,68 @@ def build_optimizer(cfg, model: nn.Module, global_batch: int) -> torch.optim.Opt
                            weight_decay=cfg.weight_decay, **impl[cfg.implementation])
 
 
-def lr_factor(step: int, sched, steps_per_epoch: int, epochs: int) -> float:
-    """Multiplier of the peak LR at iteration `step` (0-based)."""
-    warmup = round(sched.warmup_epochs * steps_per_epoch)
-    if step < warmup:
+def lr_factor(progress: float, sched, epochs: int) -> float:
+    """Multiplier of the peak LR after `progress` epochs of training (a float: 2.5 = half-way
+    through the third epoch)."""
+    warmup = sched.warmup_epochs
+    if progress < warmup:
         s = sched.warmup_start_factor
-        return s + (1 - s) * step / warmup
-    epoch = step / steps_per_epoch
+        return s + (1 - s) * progress / warmup
     if sched.name == "constant":
         return 1.0
+    eps = 1e-9  # a boundary reached by a sum of global batches is reached, not missed by rounding
     if sched.name == "step":
-        return sched.gamma ** int(epoch // sched.step_size)
+        return sched.gamma ** int((progress + eps) // sched.step_size)
     if sched.name == "multistep":
-        return sched.gamma ** sum(epoch >= m for m in sched.milestones)
-    total = max(1, epochs * steps_per_epoch - warmup)  # cosine/poly from the end of warmup to 0 (+floor)
-    progress = min(1.0, (step - warmup) / total)
+        return sched.gamma ** sum(progress + eps >= m for m in sched.milestones)
+    total = max(1e-12, epochs - warmup)  # cosine/poly from the end of warmup to 0 (+floor)
+    t = min(1.0, (progress - warmup) / total)
     if sched.name == "poly":
-        return sched.min_lr_factor + (1 - sched.min_lr_factor) * (1 - progress) ** sched.power
-    return sched.min_lr_factor + (1 - sched.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return sched.min_lr_factor + (1 - sched.min_lr_factor) * (1 - t) ** sched.power
+    return sched.min_lr_factor + (1 - sched.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_scheduler(sched, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: lr_factor(step, sched, steps_per_epoch, epochs))
+class SampleLR(LambdaLR):
+    """A LambdaLR whose factor is `lr_factor(self.progress)`: the trainer calls
+    `set_progress(epoch + sample_in_epoch / epoch_samples)` after every optimizer step and after
+    a resume. Until the first `set_progress`, a plain `step()` advances by one step of
+    `steps_per_epoch` (benchmarks). `last_epoch` counts the scheduler steps of this process.
+
+    `load_state_dict` restores the rest but keeps this run's base LRs (the peak for the current
+    global batch); the checkpoint's peak and global batch are kept in `saved_peak` and
+    `saved_global_batch` (None if the checkpoint did not say)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, sched, steps_per_epoch: int, epochs: int,
+                 global_batch: int = 0):
+        self.progress: float | None = None
+        self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
+        self.saved_peak: float | None = None
+        self.saved_global_batch: int | None = None
+        super().__init__(optimizer, lambda step: lr_factor(
+            step / self.steps_per_epoch if self.progress is None else self.progress, sched, epochs))
+
+    def set_progress(self, progress: float) -> None:
+        """Move every group's LR to the curve's value after `progress` epochs."""
+        self.progress = progress
+        with warnings.catch_warnings():  # after a resume it runs before the first optimizer.step()
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.step()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        for name in ("saved_peak", "saved_global_batch"):
+            state.pop(name, None)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        keep = list(self.base_lrs), self.global_batch, self.steps_per_epoch
+        super().load_state_dict(state_dict)
+        self.saved_peak = float(state_dict["base_lrs"][0]) if state_dict.get("base_lrs") else None
+        self.saved_global_batch = int(state_dict["global_batch"]) if state_dict.get("global_batch") else None
+        self.base_lrs, self.global_batch, self.steps_per_epoch = keep
+
+
+def build_scheduler(sched, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
+                    global_batch: int = 0) -> SampleLR:
+    """`steps_per_epoch` only serves plain `step()` calls; the trainer drives `set_progress`."""
+    return SampleLR(optimizer, sched, steps_per_epoch, epochs, global_batch)

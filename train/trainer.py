@@ -7,7 +7,9 @@ is the epoch loop, `finish` fills the run summary. What the step loop calls afte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import socket
 import time
@@ -21,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import build_loaders, mix
 from train import config as config_lib
 from train import ema as ema_lib
-from train import hardware, models, sync_batchnorm
+from train import hardware, models, recipe, sync_batchnorm
 from train.callbacks import CheckpointCadence, StopOnSignal, StopSignal, WaitForStaging
-from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, Value, find_resume
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, Value, find_resume, load_value
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.loop import NonFiniteLoss, StopTraining, TrainState, TrainStep, evaluate, train_one_epoch
 from train.losses import build_criterion
@@ -119,11 +121,12 @@ class Run:
     bare: nn.Module  # the unwrapped model: evaluation, checkpoints, monitoring
     train_loader: object
     val_loader: object
-    global_batch: int
+    global_batch: int  # samples per optimizer step, all ranks and micro-batches
     checkpointer: Checkpointer
     monitor: Monitor
     states: dict  # named states saved in every checkpoint (train/checkpoint.py)
     state: TrainState = field(default_factory=TrainState)
+    accumulate: int = 1  # micro-batches per optimizer step
     eval_criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
 
     @property
@@ -159,21 +162,30 @@ class Run:
 def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     """Model, loaders, optimizer, schedule, checkpointer and monitor; resumed if asked to."""
     run_dir = cfg.run_dir
+    split = recipe.split_batch(cfg.data, cfg.optim, info.world_size)  # ConfigError if it cannot split
+    resume_from = find_resume(cfg.train.resume, run_dir)
+    if resume_from is not None:  # before anything is written: a refused recipe change leaves the run as it was
+        check_recipe(cfg, resume_from)
     if info.is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
     threads = set_threads(cfg, info)
     log.info("%s; %d intra-op threads per rank", hardware.machine_header(info.device), threads)
-    train_loader, val_loader, classes = build_loaders(cfg.data, info, seed=cfg.train.seed,
+    train_loader, val_loader, classes = build_loaders(dataclasses.replace(cfg.data, batch_size=split.batch), info,
+                                                      seed=cfg.train.seed,
                                                       channels_last=cfg.model.channels_last)
     num_classes = cfg.data.num_classes or len(classes)
     train_loader = mix.wrap(train_loader, cfg.data, num_classes=num_classes, seed=cfg.train.seed,
                             world_size=info.world_size, rank=info.rank)  # MixUp/CutMix: soft targets
     model, bare = build_model(cfg, num_classes, info)
     amp = choose_amp(cfg, info, bare)
-    global_batch = cfg.data.batch_size * info.world_size
+    global_batch = split.global_batch
+    steps_per_epoch = train_loader.steps_per_epoch // split.accumulate  # optimizer steps
+    if steps_per_epoch == 0:
+        raise config_lib.ConfigError(f"data.global_batch: {global_batch} is more than the training set holds")
     optimizer = build_optimizer(cfg.optim, model, global_batch)
     step = TrainStep(model=model, optimizer=optimizer,
-                     scheduler=build_scheduler(cfg.schedule, optimizer, train_loader.steps_per_epoch, cfg.train.epochs),
+                     scheduler=build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs,
+                                               global_batch),
                      scaler=torch.amp.GradScaler(info.device.type, enabled=amp == "fp16"),
                      criterion=build_criterion(cfg.optim),
                      amp=amp, grad_clip=cfg.optim.grad_clip)
@@ -181,22 +193,46 @@ def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     states = {"model": ModelState(bare), "optim": OptimizerState(bare, optimizer), "scheduler": step.scheduler,
               "scaler": step.scaler, "train_state": state, "config": Value(config_lib.to_dict(cfg)),
               f"rng_rank{info.rank}": RNGState(info.world_size),
-              **ema_lib.build(cfg, bare, train_loader.steps_per_epoch)}
+              **ema_lib.build(cfg, bare, steps_per_epoch)}  # optimizer steps: the EMA warmup
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, info)
-    resume_from = find_resume(cfg.train.resume, run_dir)
     if resume_from is not None:
         checkpointer.load(resume_from, states)
+        states["config"].value = config_lib.to_dict(cfg)  # the next checkpoint holds this run's config
+        resume_schedule(step.scheduler, state, steps_per_epoch * global_batch)
         log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch",
                  resume_from, state.epoch + 1, state.step, state.sample_in_epoch)
     monitor = Monitor(cfg.log, run_dir=run_dir, info=info, data=cfg.data, epochs=cfg.train.epochs,
-                      steps_per_epoch=train_loader.steps_per_epoch, global_batch=global_batch,
+                      steps_per_epoch=steps_per_epoch, global_batch=global_batch,
                       max_steps=cfg.train.max_steps)
     monitor.watch(bare, val_loader, step.scaler)  # rank 0: norms, feature-map probe image, graph
     monitor.tb.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```" if info.is_main else "")
-    log.info("%s on %d x %s, %d classes, global batch %d, %d steps/epoch, amp %s", cfg.model.name,
-             info.world_size, info.device.type, num_classes, global_batch, train_loader.steps_per_epoch, amp)
+    log.info("%s on %d x %s, %d classes, %s, %d steps/epoch, amp %s", cfg.model.name,
+             info.world_size, info.device.type, num_classes, split.describe(info.world_size), steps_per_epoch, amp)
     return Run(cfg=cfg, info=info, step=step, bare=bare, train_loader=train_loader, val_loader=val_loader,
-               global_batch=global_batch, checkpointer=checkpointer, monitor=monitor, states=states, state=state)
+               global_batch=global_batch, checkpointer=checkpointer, monitor=monitor, states=states, state=state,
+               accumulate=split.accumulate)
+
+
+def check_recipe(cfg: config_lib.Config, path: Path) -> None:
+    """Stop (ConfigError, one line) if the new config changes the checkpoint's recipe beyond
+    train.allow_changes; log the changes it may make (train/recipe.py)."""
+    old = load_value(path, "config")
+    if old is None:
+        log.warning("%s holds no config: the recipe is not compared", path)
+        return
+    changed = recipe.check_resume(old, config_lib.to_dict(cfg), config_lib.to_dict(config_lib.Config()), path.name)
+    if changed:
+        log.info("resume from %s changes: %s", path.name, "; ".join(changed))
+
+
+def resume_schedule(scheduler, state: TrainState, epoch_samples: int) -> None:
+    """Put the LR where the samples trained put it on this run's curve, with this run's peak; log a
+    peak that differs from the checkpoint's (the global batch changed: the linear rule)."""
+    scheduler.set_progress(state.epoch + state.sample_in_epoch / epoch_samples)
+    peak, old = scheduler.base_lrs[0], scheduler.saved_peak
+    if old is not None and not math.isclose(peak, old, rel_tol=1e-9):
+        log.info("peak LR %.6g for global batch %d (linear rule) instead of the checkpoint's %.6g for global "
+                 "batch %s", peak, scheduler.global_batch, old, scheduler.saved_global_batch or "?")
 
 
 def train_epochs(run: Run, stop: StopSignal) -> tuple[dict[str, float], float, int]:
@@ -217,7 +253,7 @@ def train_epochs(run: Run, stop: StopSignal) -> tuple[dict[str, float], float, i
         stopped = None
         try:
             train_one_epoch(run.step, run.train_loader, state, global_batch=run.global_batch,
-                            log_every=cfg.log.every, callbacks=callbacks)
+                            log_every=cfg.log.every, callbacks=callbacks, accumulate=run.accumulate)
         except StopTraining as e:
             stopped = str(e)
         train_time += time.perf_counter() - t0

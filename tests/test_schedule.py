@@ -1,0 +1,209 @@
+"""Issue 15: the schedule follows samples, data.global_batch and accumulation, and resume refuses
+silent recipe changes.
+
+    .venv/bin/python -m pytest -q tests/test_schedule.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_trainer, write_config
+from tests.distributed_helpers import run_ranks
+from train.config import ConfigError, DataConfig, OptimConfig, ScheduleConfig
+from train.optim import build_optimizer, build_scheduler, lr_factor, peak_lr
+from train.recipe import compare, split_batch
+
+SCHED = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_start_factor=0.1)
+
+
+def scheduler(global_batch: int, steps_per_epoch: int, sched=SCHED, epochs=4):
+    opt = build_optimizer(OptimConfig(lr=0.1), torch.nn.Linear(2, 2), global_batch)
+    return opt, build_scheduler(sched, opt, steps_per_epoch, epochs, global_batch)
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+def test_plain_steps_and_progress_give_the_same_curve():
+    for name in ("cosine", "step", "multistep", "poly", "constant"):
+        sched = ScheduleConfig(name=name, warmup_epochs=0.5, step_size=1, milestones=[1, 3])
+        _, by_step = scheduler(16, 10, sched)
+        _, by_progress = scheduler(16, 10, sched)
+        for s in range(1, 40):
+            by_step.step()
+            by_progress.set_progress(s / 10)
+            assert by_progress.get_last_lr() == pytest.approx(by_step.get_last_lr()), (name, s)
+
+
+def test_resume_on_another_global_batch_continues_the_curve_with_the_new_peak():
+    """5 steps of 16 samples (16 steps/epoch), then steps of 8 (32 steps/epoch): the LR at every
+    sample count is the curve's at samples / 256, times the new peak (linear rule)."""
+    opt, a = scheduler(16, 16)
+    for s in range(1, 6):
+        a.set_progress(s * 16 / 256)
+    saved = a.state_dict()
+    opt2, b = scheduler(8, 32)
+    b.load_state_dict(saved)
+    assert b.base_lrs == [peak_lr(OptimConfig(lr=0.1), 8)] * 2 and b.saved_peak == pytest.approx(0.1 * 16 / 256)
+    assert b.saved_global_batch == 16
+    for samples in range(80, 400, 8):
+        b.set_progress(samples / 256)
+        want = 0.1 * 8 / 256 * lr_factor(samples / 256, SCHED, 4)
+        assert opt2.param_groups[0]["lr"] == pytest.approx(want) == b.get_last_lr()[0]
+
+
+def test_split_batch():
+    d, o = DataConfig(batch_size=8, global_batch=64), OptimConfig()
+    assert split_batch(d, o, 2)[:2] == (8, 4)  # 32 per rank: 4 micro-batches of 8
+    assert split_batch(d, o, 8)[:2] == (8, 1)
+    assert split_batch(d, OptimConfig(accumulate=2), 2)[:2] == (16, 2)  # explicit k wins
+    assert split_batch(DataConfig(batch_size=8), OptimConfig(accumulate=3), 2) == (8, 3, 48)  # no global_batch
+    with pytest.raises(ConfigError, match="^data.global_batch: 64 does not split over 3 ranks"):
+        split_batch(d, o, 3)
+    with pytest.raises(ConfigError, match="optim.accumulate=3 equal micro-batches"):
+        split_batch(d, OptimConfig(accumulate=3), 2)
+
+
+def test_compare_refuses_recipe_keys_and_logs_the_rest():
+    old = {"optim": {"lr": 0.1, "implementation": "foreach"}, "data": {"batch_size": 8, "global_batch": 0,
+                                                                       "workers": 2, "mean": [0.5]},
+           "log": {"every": 10}, "train": {"allow_changes": []}, "schedule": {"name": "cosine"}}
+    new = {"optim": {"lr": 0.2, "implementation": "for-loop"}, "data": {"batch_size": 16, "global_batch": 0,
+                                                                        "workers": 4, "mean": (0.5,)},
+           "log": {"every": 5}, "train": {"allow_changes": []}, "schedule": {"name": "step"}}
+    refused, logged = compare(old, new)
+    assert [c.split(":")[0] for c in refused] == ["data.batch_size", "optim.lr", "schedule.name"]
+    assert refused[1] == "optim.lr: 0.1 -> 0.2"
+    assert [c.split(":")[0] for c in logged] == ["data.workers", "log.every", "optim.implementation"]
+    new["train"]["allow_changes"] = ["optim.lr", "schedule.*"]
+    assert [c.split(":")[0] for c in compare(old, new)[0]] == ["data.batch_size"]
+    # with the global batch set and kept, the per-rank batch (and accumulation) may change
+    old["data"]["global_batch"] = new["data"]["global_batch"] = 64
+    assert compare(old, new)[0] == []
+    new["data"]["global_batch"] = 128
+    assert [c.split(":")[0] for c in compare(old, new)[0]] == ["data.batch_size", "data.global_batch"]
+    # a key added since the checkpoint: compared with its default
+    assert compare({}, {"optim": {"ema_decay": 0.0}}, {"optim": {"ema_decay": 0.0}}) == ([], [])
+    assert compare({}, {"optim": {"ema_decay": 0.9}}, {"optim": {"ema_decay": 0.0}})[0] == [
+        "optim.ema_decay: 0.0 -> 0.9"]
+
+
+# -- accumulation: k micro-batches on W ranks == one batch of k*B*W on one rank ------------------
+
+N, FEATURES, CLASSES = 72, 6, 3
+
+
+class TensorLoader:
+    """The loader contract over tensors, in the global sample order of data/sampler.py."""
+
+    def __init__(self, x, y, batch, rank, world):
+        from data.sampler import GlobalBatchSampler
+
+        self.x, self.y, self.sampler = x, y, GlobalBatchSampler(len(x), batch, rank, world, seed=0)
+        self.steps_per_epoch, self.batch, self.seen = self.sampler.steps_per_epoch, batch, []
+
+    def set_epoch(self, epoch, start_sample=0):
+        self.sampler.set_epoch(epoch, start_sample)
+
+    def __iter__(self):
+        idx = [i for i, _ in self.sampler]
+        for lo in range(0, len(idx), self.batch):
+            b = idx[lo:lo + self.batch]
+            self.seen.append(b)
+            yield self.x[b], self.y[b]
+
+
+def accumulate_worker(rank, world, batch, k, epochs):
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from train.loop import TrainState, TrainStep, train_one_epoch
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, FEATURES, generator=g), torch.randint(0, CLASSES, (N,), generator=g)
+    bare = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, CLASSES))  # no BN: see below
+    model = DDP(bare) if world > 1 else bare
+    gb = batch * world * k
+    opt = build_optimizer(OptimConfig(lr=0.4, weight_decay=1e-3), model, gb)
+    loader = TensorLoader(x, y, batch, rank, world)
+    sched = build_scheduler(SCHED, opt, loader.steps_per_epoch // k, epochs, gb)
+    step = TrainStep(model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                     criterion=nn.CrossEntropyLoss())
+    state, samples = TrainState(), []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        train_one_epoch(step, loader, state, global_batch=gb, log_every=1000, accumulate=k)
+        samples.append(state.sample_in_epoch)
+        state.epoch, state.sample_in_epoch = epoch + 1, 0
+    weights = {k_: v.detach().numpy().copy() for k_, v in bare.state_dict().items()}  # no shared fds
+    return weights, state.step, samples, loader.seen, sched.get_last_lr()[0]
+
+
+def test_accumulation_on_two_ranks_equals_one_big_batch():
+    """2 ranks x 2 micro-batches of 4 == 1 rank x 16: same weights, same optimizer steps and samples.
+    The model has no BN: BN in train mode normalises each micro-batch by its own statistics, so no
+    accumulation can equal the big batch there (as with DDP without SyncBN)."""
+    (ref, ref_steps, ref_samples, ref_seen, ref_lr), = run_ranks(accumulate_worker, 1, 16, 1, 2)
+    got = run_ranks(accumulate_worker, 2, 4, 2, 2)
+    for weights, steps, samples, _, lr in got:
+        assert steps == ref_steps == 2 * (N // 16) and samples == ref_samples == [N // 16 * 16] * 2
+        assert lr == pytest.approx(ref_lr)
+        for name in ref:
+            torch.testing.assert_close(torch.from_numpy(weights[name]), torch.from_numpy(ref[name]),
+                                       rtol=1e-5, atol=1e-6)
+    # the 16 samples of each step are the big batch's: 2 ranks x 2 micro-batches of 4, in order
+    per_step = [sorted(got[0][3][2 * s] + got[0][3][2 * s + 1] + got[1][3][2 * s] + got[1][3][2 * s + 1])
+                for s in range(ref_steps)]
+    assert per_step == [sorted(b) for b in ref_seen]
+
+
+# -- end to end: resume across world sizes and batches -------------------------------------------
+
+def lr_after(run: Path, resumed_step: int) -> dict[int, float]:
+    from tests.test_elastic import lr_by_step
+
+    return {s: v for s, v in lr_by_step(run / "tb", last_process=True).items() if s > resumed_step}
+
+
+def expected(samples: int, global_batch: int) -> float:
+    """The tiny config's curve (cosine, 0.5 warmup epochs, 2 epochs of 64 samples) at `samples`."""
+    return 0.1 * global_batch / 256 * lr_factor(samples / 64, ScheduleConfig(name="cosine", warmup_epochs=0.5), 2)
+
+
+@pytest.mark.parametrize("global_batch", [0, 16])
+def test_reshard_2x8_to_1x8_continues_the_schedule(tmp_path, tiny_data, global_batch):
+    """3 steps on 2 ranks x 8 (48 of 64 samples), then the rest on 1 rank x 8. Without
+    data.global_batch the global batch becomes 8: the same samples-based curve, peak rescaled by
+    8 / 16. With data.global_batch=16 the survivor runs 2 micro-batches of 8: the very recipe."""
+    cfg = write_config(tmp_path, tiny_data)
+    args = ("log.every=1", "dist.device=cpu", "dist.cpu_threads=1", "log.images=false", "log.graph=false",
+            "log.feature_maps=false", f"data.global_batch={global_batch}")
+    run_trainer(cfg, *args, "train.max_steps=3", nproc=2)
+    r = run_trainer(cfg, *args)
+    run = tmp_path / "runs/tiny"
+    after = lr_after(run, 3)
+    gb = global_batch or 8
+    assert sorted(after) == list(range(4, 4 + (128 - 48) // gb)), sorted(after)
+    for s, lr in after.items():
+        assert lr == pytest.approx(expected(48 + (s - 3) * gb, gb), rel=1e-5), (s, lr)
+    if not global_batch:
+        assert "peak LR 0.003125 for global batch 8 (linear rule) instead of the checkpoint's 0.00625" in r.stdout
+    else:
+        assert "global batch 16 = 1 ranks x 8 x 2 micro-batches" in r.stdout
+
+
+def test_resume_refuses_a_recipe_change_unless_allowed(tmp_path, tiny_data):
+    cfg = write_config(tmp_path, tiny_data)
+    args = ("log.images=false", "log.graph=false", "log.feature_maps=false", "log.tensorboard=false")
+    run_trainer(cfg, *args, "train.max_steps=2")
+    r = run_trainer(cfg, *args, "optim.lr=0.2", "log.every=1", check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "optim.lr: 0.1 -> 0.2" in errors[0] and "train.allow_changes=[optim.lr]" in errors[0]
+    assert "log.every" not in errors[0]
+    r = run_trainer(cfg, *args, "optim.lr=0.2", "log.every=1", "train.allow_changes=[optim.lr]", "train.max_steps=3")
+    assert "changes: log.every: 2 -> 1; optim.lr: 0.1 -> 0.2; train.allow_changes" in r.stdout
+    assert "peak LR 0.00625 for global batch 8" in r.stdout
