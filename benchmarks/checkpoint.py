@@ -28,6 +28,7 @@ from train.config import (
     ModelConfig,  # noqa: E402
 )
 from train.distributed import DistInfo  # noqa: E402
+from train.hardware import machine_header  # noqa: E402
 from train.loop import TrainState  # noqa: E402
 from train.models import build  # noqa: E402
 
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(machine_header(device))
     model = build(ModelConfig(name=args.model), 1000).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 64, 64, device=device)).sum().backward()

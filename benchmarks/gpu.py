@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from data import build_loaders  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.distributed import DistInfo  # noqa: E402
+from train.hardware import machine_header  # noqa: E402
 from train.loop import autocast  # noqa: E402
 from train.optim import build_optimizer  # noqa: E402
 from train.trainer import build_model  # noqa: E402
@@ -169,6 +170,7 @@ def main() -> None:
     p.add_argument("--jpegs", default="/tmp/imagenet-like", help="where the upscaled copy goes")
     p.add_argument("--loaders", default="synthetic,dali,torch")
     args = p.parse_args()
+    print(machine_header(torch.device(args.device)))
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from train.hardware import machine_header  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -88,6 +90,7 @@ def main() -> None:
     p.add_argument("--demo", default=str(ROOT / "datasets/fashion-mnist"), help="source JPEG folders")
     p.add_argument("--jpegs", default="", help="where the upscaled copy goes (default /tmp/imagenet-like-<images>)")
     args = p.parse_args()
+    print(machine_header(torch.device(args.device)))
 
     need = (args.warmup + args.batches) * args.batch
     if args.images < need:
