@@ -52,8 +52,8 @@ def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
         num_train = cfg.synthetic_samples
     num_classes = cfg.num_classes or len(classes)
     world, device = info.world_size, info.device
-    train = SyntheticLoader(num_train, cfg.batch_size, world, cfg.train_crop,
-                            num_classes, device, channels_last, seed + info.rank)
+    train = SyntheticLoader(num_train, cfg.batch_size, world, cfg.train_crop, num_classes, device, channels_last,
+                            seed + info.rank, steps=steps_per_epoch(num_train, cfg.batch_size, world, cfg.repeated_aug))
     vb = folder.val_batch_size(cfg)
     val = SyntheticLoader(vb * world, vb, world, cfg.val_crop, num_classes, device, channels_last,
                           seed + info.rank, steps=1)

@@ -456,7 +456,9 @@ def load_config(args: argparse.Namespace, extra: list[str] = (), point: str = ""
     if cfg.data.loader != "synthetic":
         if not cfg.data.root:  # not a matter of where the data is mounted: always wrong
             fail("config: data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
-        if not (Path(cfg.data.root) / "train").is_dir():
+        from data.folder import has_split
+
+        if not has_split(Path(cfg.data.root) / "train"):  # a folder or a packed dataset
             print(f"warning: data.root '{cfg.data.root}' is not visible on this machine; the job checks it on "
                   "the compute node (--check-data: require it here)", file=sys.stderr)
     return cfg

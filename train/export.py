@@ -1,6 +1,7 @@
 """Export a run's checkpoint as one torchvision-compatible state_dict file.
 
-    python -m train.export runs/imagenet_resnet50 resnet50.pth [--checkpoint step_12000]
+    python -m train.export runs/imagenet_resnet50 resnet50.pth            # the newest checkpoint
+    python -m train.export runs/imagenet_resnet50/checkpoints/step_12000 resnet50.pth   # one checkpoint
     python -m train.export runs/imagenet_resnet50 resnet50_ema.pth --ema   # the weight EMA (train/ema.py)
 
 The file loads with `torch.load(path, weights_only=True)` into torchvision's model of the same
