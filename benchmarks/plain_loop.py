@@ -84,13 +84,14 @@ def main() -> None:
     args = p.parse_args()
     print(machine_header())
     root = imagenet_like(args.data, Path(tempfile.gettempdir()) / f"imagenet-like-{args.images}", args.images)
-    rows: dict[str, list[float]] = {"plain": [], "ours (defaults)": [], "ours amp=off channels_last=false": []}
+    variants = {"ours (defaults)": [], "ours dist.cpu_threads=1": ["dist.cpu_threads=1"],
+                "ours amp=off channels_last=false": ["train.amp=off", "model.channels_last=false"]}
+    rows: dict[str, list[float]] = {"plain": [], **{k: [] for k in variants}}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             rows["plain"].append(plain(root, args.batch, args.steps, args.warmup))
-            rows["ours (defaults)"].append(ours(root, args.batch, args.steps, args.warmup, Path(tmp), []))
-            rows["ours amp=off channels_last=false"].append(ours(
-                root, args.batch, args.steps, args.warmup, Path(tmp), ["train.amp=off", "model.channels_last=false"]))
+            for name, overrides in variants.items():
+                rows[name].append(ours(root, args.batch, args.steps, args.warmup, Path(tmp), overrides))
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"resnet18, batch {args.batch}, 224 px, {args.images} 500x375 JPEGs, {args.steps} steps after "
           f"{args.warmup} x {args.repeats} repeats")
