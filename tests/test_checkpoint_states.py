@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from train.checkpoint import (Checkpointer, ModelState, OptimizerState, RNGState, UnsafeCheckpoint, Value,
-                              load_tensors)
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, UnsafeCheckpoint, Value, load_tensors
 from train.config import CheckpointConfig
 from train.distributed import DistInfo
 from train.loop import TrainState
