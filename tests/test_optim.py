@@ -51,6 +51,26 @@ def test_no_weight_decay_on_bn_and_bias():
     assert len(param_groups(model, 1e-4, bn_weight_decay=True)) == 1
 
 
+@pytest.mark.parametrize("bias, decayed", [(None, "conv.weight fc.weight"),
+                                           (True, "conv.weight conv.bias fc.weight fc.bias"),
+                                           (False, "conv.weight fc.weight")])
+def test_norms_and_biases_decay_apart(bias, decayed):
+    """torchvision's v2 recipe (--norm-weight-decay 0.0) decays biases but not norms: bias=True."""
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv2d(3, 4, 3))
+    model.add_module("bn", torch.nn.BatchNorm2d(4))
+    model.add_module("ln", torch.nn.GroupNorm(2, 4))
+    model.add_module("fc", torch.nn.Linear(4, 2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 1e-4, bn_weight_decay=False, bias_weight_decay=bias)
+    assert " ".join(names[id(p)] for p in groups[0]["params"]) == decayed
+    assert {names[id(p)] for g in groups for p in g["params"]} == set(names.values())
+    assert groups[1]["weight_decay"] == 0.0 and {"bn.weight", "bn.bias", "ln.weight", "ln.bias"} <= {
+        names[id(p)] for p in groups[1]["params"]}
+    both = param_groups(model, 1e-4, bn_weight_decay=True, bias_weight_decay=False)
+    assert sorted(names[id(p)] for p in both[1]["params"]) == ["conv.bias", "fc.bias"]
+
+
 def test_lars_trust_ratio():
     w = torch.nn.Parameter(torch.ones(4) * 2)
     opt = build_optimizer(OptimConfig(name="lars", lr=1.0, momentum=0.0, weight_decay=0.0), torch.nn.Linear(1, 1), 256)

@@ -146,7 +146,8 @@ class OptimConfig(Section):
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
-    bn_weight_decay: bool = False  # False: no decay on BN and bias parameters
+    bn_weight_decay: bool = False  # False: no decay on norm-layer parameters (and biases, unless bias_weight_decay)
+    bias_weight_decay: Literal["as_bn", "on", "off"] = "as_bn"  # the other biases (fc, SE); as_bn: as bn_weight_decay
     label_smoothing: float = 0.0
     # training loss (train/losses.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
     # on the (soft) targets, as timm's BinaryCrossEntropy in "ResNet strikes back"

@@ -35,15 +35,24 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool) -> list[dict]:
-    """Decay conv/linear weights; BN parameters and biases (ndim <= 1) only if asked to. The
-    undecayed group is flagged `lars_exclude`: LARS and LAMB give it no layer-wise trust ratio
-    either (MLPerf, timm)."""
+# torchvision's set_weight_decay tells norm parameters by their module, as here
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool,
+                 bias_weight_decay: bool | None = None) -> list[dict]:
+    """Decay conv/linear weights; norm-layer parameters only if `bn_weight_decay`, the other biases
+    only if `bias_weight_decay` (None: as `bn_weight_decay`, DLE's rule; torchvision's v2 recipe
+    decays the fc bias but not the norms). The undecayed group is flagged `lars_exclude`: LARS and
+    LAMB give it no layer-wise trust ratio either (MLPerf, timm)."""
+    bias_weight_decay = bn_weight_decay if bias_weight_decay is None else bias_weight_decay
     decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 and not bn_weight_decay else decay).append(p)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            keep = bn_weight_decay if isinstance(module, _NORMS) else bias_weight_decay if name == "bias" else True
+            (decay if keep else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
@@ -56,7 +65,8 @@ def peak_lr(cfg, global_batch: int) -> float:
 
 def build_optimizer(cfg, model: nn.Module, global_batch: int) -> torch.optim.Optimizer:
     """`optim.name`: sgd (torch), lars or lamb (timm.optim, see the module docstring)."""
-    groups = param_groups(model, cfg.weight_decay, cfg.bn_weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.bn_weight_decay,
+                          {"as_bn": None, "on": True, "off": False}[cfg.bias_weight_decay])
     lr = peak_lr(cfg, global_batch)
     if cfg.name in ("lars", "lamb"):
         from timm.optim import Lamb, Lars
