@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from data.contract import DataError, Loader, RankInfo, TrainLoader, ValLoader
 
-__all__ = ["DataError", "Loader", "RankInfo", "TrainLoader", "ValLoader", "build_loaders"]
+__all__ = ["DataError", "Loader", "RankInfo", "TrainLoader", "ValLoader", "build_loaders", "build_val_loader"]
 
 
-def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[TrainLoader, ValLoader, list[str]]:
-    """(train, val, class names) for `cfg.loader` in torch | dali | synthetic, sharded for `info.rank`;
-    with `cfg.stage_dir`, read from a node-local copy of `cfg.root` (data/stage.py)."""
+def _impl(cfg, info: RankInfo):
+    """(module, cfg) for `cfg.loader`; with `cfg.stage_dir`, cfg reads a node-local copy of `cfg.root`."""
     if cfg.stage_dir and cfg.loader != "synthetic":
         from data import stage
 
@@ -27,4 +26,19 @@ def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tup
         from data import dali as impl
     else:
         from data import torch_loader as impl
+    return impl, cfg
+
+
+def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[TrainLoader, ValLoader, list[str]]:
+    """(train, val, class names) for `cfg.loader` in torch | dali | synthetic, sharded for `info.rank`;
+    with `cfg.stage_dir`, read from a node-local copy of `cfg.root` (data/stage.py)."""
+    impl, cfg = _impl(cfg, info)
     return impl.build(cfg, info, seed=seed, channels_last=channels_last)
+
+
+def build_val_loader(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[ValLoader, list[str]]:
+    """(val, class names) without touching the train split: `python -m train.evaluate` builds one per
+    val size, and scanning (and, for DALI, preflighting) ImageNet's 1.28 M train files each time
+    would cost minutes."""
+    impl, cfg = _impl(cfg, info)
+    return impl.build_val(cfg, info, seed=seed, channels_last=channels_last)

@@ -30,7 +30,7 @@ import torch
 
 from data import augment, folder
 from data.contract import DataError, RankInfo
-from data.sampler import GlobalBatchSampler, train_crop_at
+from data.sampler import GlobalBatchSampler, train_crop_at, val_range
 
 # nvJPEG buffers sized for the largest ImageNet image, so the training decoder allocates once instead
 # of growing mid-run (NVIDIA's DALI ResNet-50 examples do the same).
@@ -279,19 +279,39 @@ def use_gpu(dali_device: str, device: torch.device) -> bool:
     return cuda and dali_device != "cpu"
 
 
-def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
-    """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
+def _check_dali() -> None:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
         raise DataError("data.loader: dali needs `pip install nvidia-dali-cuda120`") from None
+
+
+def _common(cfg, info: RankInfo, seed: int, channels_last: bool) -> dict:
+    return dict(cfg=cfg, device=info.device, gpu=use_gpu(cfg.dali_device, info.device), channels_last=channels_last,
+                seed=seed * 1000 + info.rank)
+
+
+def _val(cfg, split: folder.Split, info: RankInfo, workers: int, kw: dict) -> DaliValLoader:
+    return DaliValLoader(len(split), val_range(len(split), info.rank, info.world_size), split=split,
+                         subst=planned_replacements(split, workers), train=False, batch=folder.val_batch_size(cfg),
+                         **kw)
+
+
+def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
+    """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
+    _check_dali()
     train_split, val_split = folder.open_splits(cfg)
     workers = cfg.workers or os.cpu_count() or 1
-    kw = dict(cfg=cfg, device=info.device, gpu=use_gpu(cfg.dali_device, info.device), channels_last=channels_last,
-              seed=seed * 1000 + info.rank)
-    sampler, share = folder.shard(cfg, train_split, val_split, info, seed)
+    kw = _common(cfg, info, seed, channels_last)
+    sampler = folder.train_sampler(cfg, train_split, info, seed)
     train = DaliTrainLoader(sampler, split=train_split, subst=planned_replacements(train_split, workers),
                             train=True, **kw)
-    val = DaliValLoader(len(val_split), share, split=val_split, subst=planned_replacements(val_split, workers),
-                        train=False, batch=folder.val_batch_size(cfg), **kw)
-    return train, val, train_split.classes
+    return train, _val(cfg, val_split, info, workers, kw), train_split.classes
+
+
+def build_val(cfg, info: RankInfo, *, seed: int, channels_last: bool):
+    """(val loader, class names), reading (and preflighting) only the val split."""
+    _check_dali()
+    split = folder.open_val(cfg)
+    kw = _common(cfg, info, seed, channels_last)
+    return _val(cfg, split, info, cfg.workers or os.cpu_count() or 1, kw), split.classes

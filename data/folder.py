@@ -21,7 +21,7 @@ import numpy as np
 
 from data import preflight
 from data.contract import DataError, RankInfo
-from data.sampler import GlobalBatchSampler, val_range
+from data.sampler import GlobalBatchSampler
 
 log = logging.getLogger("resnet")
 T = TypeVar("T")
@@ -118,12 +118,16 @@ def open_splits(cfg) -> tuple[Split, Split]:
     return train, val
 
 
-def shard(cfg, train: Split, val: Split, info: RankInfo, seed: int) -> tuple[GlobalBatchSampler, range]:
-    """This rank's part: the sampler of the one global training order, and a disjoint
-    contiguous validation share (every image counted exactly once across ranks)."""
-    sampler = GlobalBatchSampler(len(train), cfg.batch_size, info.rank, info.world_size, seed,
-                                 repeats=cfg.repeated_aug)
-    return sampler, val_range(len(val), info.rank, info.world_size)
+def open_val(cfg) -> Split:
+    """`cfg.root`'s val split alone (for evaluation): training has already checked that its classes
+    are the train split's."""
+    return scan(Path(cfg.root) / "val", cfg.classes)
+
+
+def train_sampler(cfg, train: Split, info: RankInfo, seed: int) -> GlobalBatchSampler:
+    """This rank's part of the one global training order (its validation share is
+    `data.sampler.val_range`: disjoint and contiguous, every image counted exactly once)."""
+    return GlobalBatchSampler(len(train), cfg.batch_size, info.rank, info.world_size, seed, repeats=cfg.repeated_aug)
 
 
 def val_batch_size(cfg) -> int:

@@ -59,3 +59,9 @@ def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
                           seed + info.rank, steps=1)
     val.num_samples = vb * world  # one batch per rank: evaluation is timed, not meaningful
     return train, val, classes
+
+
+def build_val(cfg, info: RankInfo, *, seed: int, channels_last: bool):
+    """(val loader, class names): one timed batch per rank, as build's."""
+    _, val, classes = build(cfg, info, seed=seed, channels_last=channels_last)
+    return val, classes

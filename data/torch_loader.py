@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from data import augment, folder
 from data.contract import RankInfo
-from data.sampler import GlobalBatchSampler, sample_seed, train_crop_at
+from data.sampler import GlobalBatchSampler, sample_seed, train_crop_at, val_range
 
 
 def decode(data: np.ndarray) -> torch.Tensor:
@@ -140,22 +140,34 @@ class TorchValLoader(DeviceBatches):
         self.num_samples = num_samples
 
 
+def _val(cfg, split: folder.Split, info: RankInfo, seed: int, common: dict, kw: dict) -> TorchValLoader:
+    keys = [(i, sample_seed(seed, 0, i), cfg.val_crop) for i in val_range(len(split), info.rank, info.world_size)]
+    loader = DataLoader(ImageFolderDataset(split, functools.partial(val_transform, cfg.val_resize)),
+                        batch_size=folder.val_batch_size(cfg), sampler=keys, **common)
+    return TorchValLoader(len(split), loader=loader, **kw)
+
+
+def _common(cfg, info: RankInfo, channels_last: bool) -> tuple[dict, dict]:
+    """(DataLoader arguments, DeviceBatches arguments) shared by the train and val loaders."""
+    pin = cfg.pin_memory and info.device.type == "cuda"
+    mean, std = folder.normalisation(cfg)
+    return (dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin, persistent_workers=cfg.workers > 0),
+            dict(device=info.device, mean=mean, std=std, channels_last=channels_last))
+
+
 def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
     """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
     train_split, val_split = folder.open_splits(cfg)
-    sampler, share = folder.shard(cfg, train_split, val_split, info, seed)
-    train_tf = functools.partial(train_transform, cfg)
-    val_tf = functools.partial(val_transform, cfg.val_resize)
-    pin = cfg.pin_memory and info.device.type == "cuda"
-    common = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin,
-                  persistent_workers=cfg.workers > 0)
-    train = DataLoader(ImageFolderDataset(train_split, train_tf, cfg.random_erasing), batch_size=cfg.batch_size,
-                       sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)), drop_last=True,
-                       prefetch_factor=4 if cfg.workers else None, **common)
-    val_keys = [(i, sample_seed(seed, 0, i), cfg.val_crop) for i in share]
-    val = DataLoader(ImageFolderDataset(val_split, val_tf), batch_size=folder.val_batch_size(cfg),
-                     sampler=val_keys, **common)
-    mean, std = folder.normalisation(cfg)
-    kw = dict(device=info.device, mean=mean, std=std, channels_last=channels_last)
-    return (TorchTrainLoader(sampler, loader=train, **kw),
-            TorchValLoader(len(val_split), loader=val, **kw), train_split.classes)
+    sampler = folder.train_sampler(cfg, train_split, info, seed)
+    common, kw = _common(cfg, info, channels_last)
+    train = DataLoader(ImageFolderDataset(train_split, functools.partial(train_transform, cfg), cfg.random_erasing),
+                       batch_size=cfg.batch_size, sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)),
+                       drop_last=True, prefetch_factor=4 if cfg.workers else None, **common)
+    return (TorchTrainLoader(sampler, loader=train, **kw), _val(cfg, val_split, info, seed, common, kw),
+            train_split.classes)
+
+
+def build_val(cfg, info: RankInfo, *, seed: int, channels_last: bool):
+    """(val loader, class names), reading only the val split."""
+    split = folder.open_val(cfg)
+    return _val(cfg, split, info, seed, *_common(cfg, info, channels_last)), split.classes

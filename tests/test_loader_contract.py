@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from data import Loader, RankInfo, TrainLoader, ValLoader, build_loaders
+from data import Loader, RankInfo, TrainLoader, ValLoader, build_loaders, build_val_loader
 from tests.conftest import make_image_folder
 from train.config import DataConfig
 from train.distributed import DistInfo
@@ -114,3 +114,25 @@ def test_skipped_counts_a_corrupt_file(corrupt, kind):
     want = 0 if kind == "synthetic" else 1  # replaced by the next readable file, and counted
     assert (train.skipped, val.skipped) == (want, want)
     close(train, val)
+
+
+@pytest.mark.parametrize("kind", ["torch", LOADERS[1]])
+@pytest.mark.parametrize("world", [1, 2])
+def test_val_only_loader_reads_no_train_file_and_gives_the_same_batches(tiny_data, tmp_path, kind, world):
+    """train.evaluate's builder: the val batches of build_loaders, bit for bit, with the train
+    split's files gone (so it never scans or preflights them)."""
+    import shutil
+
+    cfg = config(tiny_data, kind)
+    only_val = tmp_path / "only_val"
+    shutil.copytree(tiny_data / "val", only_val / "val")
+    for rank in range(world):
+        train, val, classes = build(cfg, rank, world)
+        alone, alone_classes = build_val_loader(config(only_val, kind), DistInfo(rank, world, 0, CPU), seed=0,
+                                                channels_last=True)
+        assert isinstance(alone, ValLoader) and alone_classes == classes and alone.num_samples == val.num_samples
+        got, want = list(alone), list(val)
+        assert len(got) == len(want) > 0
+        for (x, y), (wx, wy) in zip(got, want):
+            assert torch.equal(x, wx) and torch.equal(y, wy)
+        close(train, val, alone)

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from data import DataError, build_loaders  # noqa: E402
+from data import DataError, build_val_loader  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import distributed, hardware, models  # noqa: E402
 from train.checkpoint import complete  # noqa: E402
@@ -89,7 +89,7 @@ def sweep(cfg, info, state: dict, sizes: list[tuple[int, int]], tta: bool) -> li
     model = None
     for resize, crop in sizes:
         data = dataclasses.replace(cfg.data, val_resize=resize, val_crop=crop)
-        _, val, classes = build_loaders(data, info, seed=cfg.train.seed, channels_last=cfg.model.channels_last)
+        val, classes = build_val_loader(data, info, seed=cfg.train.seed, channels_last=cfg.model.channels_last)
         if model is None:
             model = models.build(dataclasses.replace(cfg.model, weights=""), cfg.data.num_classes or len(classes))
             model.load_state_dict(state)

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-
 # torchvision's set_weight_decay tells norm parameters by their module, as here
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
