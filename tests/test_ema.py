@@ -67,7 +67,7 @@ EMA_MIX = ["optim.ema_decay=0.9", "optim.ema_every=2", "data.mixup_alpha=0.2", "
 
 def test_resume_with_ema_and_mixing_equals_uninterrupted(tmp_path, tiny_data):
     cfg = write_config(tmp_path, tiny_data)
-    run_trainer(cfg, "log.name=full", *EMA_MIX, nproc=2)
+    f = run_trainer(cfg, "log.name=full", *EMA_MIX, nproc=2)
     run_trainer(cfg, "log.name=cut", "train.max_steps=5", *EMA_MIX, nproc=2)  # mid-epoch 2, between EMA updates
     r = run_trainer(cfg, "log.name=cut", *EMA_MIX, nproc=2)
     assert "resumed from" in r.stdout and "step 5," in r.stdout
@@ -81,6 +81,8 @@ def test_resume_with_ema_and_mixing_equals_uninterrupted(tmp_path, tiny_data):
     assert any(not torch.equal(ema[k], model[k]) for k in model if model[k].is_floating_point())
     summary = json.loads((tmp_path / "runs/full/summary.json").read_text())
     assert 0 <= summary["final_ema_top1"] <= 100
+    printed = [line.split() for line in f.stdout.splitlines() if line.startswith("top-1 EMA final")]
+    assert printed == [["top-1", "EMA", "final", f"{summary['final_ema_top1']:.2f}", "%"]]  # the summary table
     best = json.loads((tmp_path / "runs/full/checkpoints/best.json").read_text())
     assert best["top1"] == pytest.approx(summary["final_ema_top1"]) or best["top1"] >= summary["final_ema_top1"]
     assert evaluate.main([str(tmp_path / "runs/full"), "--ema"])[0]["top1"] == summary["final_ema_top1"]

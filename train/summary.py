@@ -42,6 +42,7 @@ class RunSummary(dict):
         world = s.get("world_size", 1)
         rows = [("top-1 final / best", f"{s['final_top1']:.2f} / {s['best_top1']:.2f} %"),
                 ("top-5 final / best", f"{s['final_top5']:.2f} / {s.get('best_top5', s['final_top5']):.2f} %"),
+                *([("top-1 EMA final", f"{s['final_ema_top1']:.2f} %")] if "final_ema_top1" in s else []),
                 ("epochs", f"{s['epochs']} ({s.get('steps', 0)} steps)"),
                 ("wall time", hms(s["wall_time_s"])),
                 ("train img/s", f"{s['train_images_per_s']:.0f} ({s['train_images_per_s'] / world:.0f}"

@@ -98,17 +98,18 @@ def set_threads(cfg, info: DistInfo) -> int:
     return threads
 
 
-def choose_amp(cfg, info: DistInfo, bare: nn.Module) -> str:
-    """train.amp, with `auto` decided by the hardware (train/hardware.py); logged in one line."""
+def choose_amp(cfg, info: DistInfo, bare: nn.Module, batch: int) -> str:
+    """train.amp, with `auto` decided by the hardware (train/hardware.py) at the micro-batch `batch`
+    each rank runs; logged in one line."""
     def mean_over_ranks(values: list[float]) -> list[float]:
         t = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=info.device))
         return (t / info.world_size).tolist()
 
-    key = (f"{cfg.model.name}|batch {cfg.data.batch_size}|crop {cfg.data.train_crop}|channels_last "
+    key = (f"{cfg.model.name}|batch {batch}|crop {cfg.data.train_crop}|channels_last "
            f"{cfg.model.channels_last}|threads {torch.get_num_threads()}|ranks/node {info.local_world_size}")
     amp, why = hardware.choose_amp(
         cfg.train.amp, info.device, key=key, reduce=mean_over_ranks, write_cache=info.local_rank == 0,
-        measure=lambda: hardware.probe(bare, cfg.data.batch_size, cfg.data.train_crop, cfg.model.channels_last))
+        measure=lambda: hardware.probe(bare, batch, cfg.data.train_crop, cfg.model.channels_last))
     if info.device.type == "cuda":
         hardware.allow_tf32()
     log.info("amp %s: %s", amp, why)
@@ -181,40 +182,53 @@ def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     train_loader = mix.wrap(train_loader, cfg.data, num_classes=num_classes, seed=cfg.train.seed,
                             world_size=info.world_size, rank=info.rank)  # MixUp/CutMix: soft targets
     model, bare = build_model(cfg, num_classes, info)
-    amp = choose_amp(cfg, info, bare)
     global_batch = split.global_batch
     steps_per_epoch = train_loader.steps_per_epoch // split.accumulate  # optimizer steps
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(f"data.global_batch: {global_batch} is more than the training set holds")
-    optimizer = build_optimizer(cfg.optim, model, global_batch)
-    step = TrainStep(model=model, optimizer=optimizer,
-                     scheduler=build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs,
-                                               global_batch),
-                     scaler=torch.amp.GradScaler(info.device.type, enabled=amp == "fp16"),
-                     criterion=build_criterion(cfg.optim),
-                     amp=amp, grad_clip=cfg.optim.grad_clip)
+    step = build_step(cfg, info, model, bare, batch=split.batch, global_batch=global_batch,
+                      steps_per_epoch=steps_per_epoch)
     state = TrainState()
-    states = {"model": ModelState(bare), "optim": OptimizerState(bare, optimizer), "scheduler": step.scheduler,
+    states = {"model": ModelState(bare), "optim": OptimizerState(bare, step.optimizer), "scheduler": step.scheduler,
               "scaler": step.scaler, "train_state": state, "config": Value(config_lib.to_dict(cfg)),
               f"rng_rank{info.rank}": RNGState(info.world_size),
               **ema_lib.build(cfg, bare, steps_per_epoch)}  # optimizer steps: the EMA warmup
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, info)
     if resume_from is not None:
-        checkpointer.load(resume_from, states)
-        states["config"].value = config_lib.to_dict(cfg)  # the next checkpoint holds this run's config
-        resume_schedule(step.scheduler, state, steps_per_epoch * global_batch)
-        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch",
-                 resume_from, state.epoch + 1, state.step, state.sample_in_epoch)
+        resume(cfg, checkpointer, resume_from, states, epoch_samples=steps_per_epoch * global_batch)
     monitor = Monitor(cfg.log, run_dir=run_dir, info=info, data=cfg.data, epochs=cfg.train.epochs,
                       steps_per_epoch=steps_per_epoch, global_batch=global_batch,
                       max_steps=cfg.train.max_steps)
     monitor.watch(bare, val_loader, step.scaler)  # rank 0: norms, feature-map probe image, graph
     monitor.tb.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```" if info.is_main else "")
     log.info("%s on %d x %s, %d classes, %s, %d steps/epoch, amp %s", cfg.model.name,
-             info.world_size, info.device.type, num_classes, split.describe(info.world_size), steps_per_epoch, amp)
+             info.world_size, info.device.type, num_classes, split.describe(info.world_size), steps_per_epoch, step.amp)
     return Run(cfg=cfg, info=info, step=step, bare=bare, train_loader=train_loader, val_loader=val_loader,
                global_batch=global_batch, checkpointer=checkpointer, monitor=monitor, states=states, state=state,
                accumulate=split.accumulate)
+
+
+def build_step(cfg: config_lib.Config, info: DistInfo, model: nn.Module, bare: nn.Module, *, batch: int,
+               global_batch: int, steps_per_epoch: int) -> TrainStep:
+    """Optimizer, LR schedule, loss scaler, loss and autocast dtype around the (DDP) model."""
+    amp = choose_amp(cfg, info, bare, batch)
+    optimizer = build_optimizer(cfg.optim, model, global_batch)
+    return TrainStep(model=model, optimizer=optimizer,
+                     scheduler=build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs,
+                                               global_batch),
+                     scaler=torch.amp.GradScaler(info.device.type, enabled=amp == "fp16"),
+                     criterion=build_criterion(cfg.optim), amp=amp, grad_clip=cfg.optim.grad_clip)
+
+
+def resume(cfg: config_lib.Config, checkpointer: Checkpointer, path: Path, states: dict, *,
+           epoch_samples: int) -> None:
+    """Load every named state from `path`, then put the LR on this run's curve."""
+    checkpointer.load(path, states)
+    states["config"].value = config_lib.to_dict(cfg)  # the next checkpoint holds this run's config
+    state = states["train_state"]
+    resume_schedule(states["scheduler"], state, epoch_samples)
+    log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch",
+             path, state.epoch + 1, state.step, state.sample_in_epoch)
 
 
 def check_recipe(cfg: config_lib.Config, path: Path) -> None:
