@@ -161,7 +161,7 @@ def train_one_epoch(step: TrainStep, loader, state: TrainState, *, global_batch:
                 loss = step.criterion(logits, labels)
             if micro == 1:
                 optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+            scaler.scale(loss / accumulate).backward()  # x / 1 is x, bit for bit
         if last:
             for cb in callbacks:
                 cb.after_backward(state)
