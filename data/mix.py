@@ -14,7 +14,7 @@ which op, lam, the box centre) comes from an explicit `numpy.random.Generator` s
 (train.seed, epoch, global batch index, rank), the batch's position in the global sample order, so
 an interrupted and resumed run mixes every batch exactly as the uninterrupted one. The draws are
 host scalars: no device sync. Targets are unsmoothed (label smoothing is the loss's,
-train/losses.py); validation is never mixed (only the train loader is wrapped).
+train/optim.py); validation is never mixed (only the train loader is wrapped).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from train import config
-from train.ema import torchvision_decay_per_step
+from train.optim import torchvision_decay_per_step
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Weight EMA (train/ema.py): AveragedModel maths, BN buffers, and exact resume with MixUp/CutMix on."""
+"""Weight EMA (train/optim.py): AveragedModel maths, BN buffers, and exact resume with MixUp/CutMix on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from tests.conftest import run_trainer, write_config
 from train import evaluate, export
-from train.ema import EMA, torchvision_decay_per_step
+from train.optim import EMA, torchvision_decay_per_step
 from train.loop import TrainState
 
 

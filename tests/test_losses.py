@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from train.config import ConfigError, OptimConfig, load
-from train.losses import BinaryCrossEntropy, CrossEntropy, build_criterion
+from train.optim import BinaryCrossEntropy, CrossEntropy, build_criterion
 
 N, C = 8, 5
 

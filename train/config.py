@@ -149,7 +149,7 @@ class OptimConfig(Section):
     bn_weight_decay: bool = False  # False: no decay on norm-layer parameters (and biases, unless bias_weight_decay)
     bias_weight_decay: Literal["as_bn", "on", "off"] = "as_bn"  # the other biases (fc, SE); as_bn: as bn_weight_decay
     label_smoothing: float = 0.0
-    # training loss (train/losses.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
+    # training loss (train/optim.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
     # on the (soft) targets, as timm's BinaryCrossEntropy in "ResNet strikes back"
     loss: Literal["ce", "bce"] = "ce"
     bce_target_threshold: float = 0.0  # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
@@ -158,7 +158,7 @@ class OptimConfig(Section):
     # micro-batches per optimizer step (gradient accumulation, DDP no_sync on all but the last);
     # with data.global_batch: must split the per-rank batch, or 1 = derive it from data.batch_size
     accumulate: int = 1
-    # weight EMA (train/ema.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
+    # weight EMA (train/optim.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
     # updated every `ema_every` steps with decay ** ema_every; evaluated as val_ema/*, saved as "ema"
     ema_decay: float = 0.0
     ema_every: int = 1

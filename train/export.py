@@ -2,7 +2,7 @@
 
     python -m train.export runs/imagenet_resnet50 resnet50.pth            # the newest checkpoint
     python -m train.export runs/imagenet_resnet50/checkpoints/step_12000 resnet50.pth   # one checkpoint
-    python -m train.export runs/imagenet_resnet50 resnet50_ema.pth --ema   # the weight EMA (train/ema.py)
+    python -m train.export runs/imagenet_resnet50 resnet50_ema.pth --ema   # the weight EMA (train/optim.py)
 
 The file loads with `torch.load(path, weights_only=True)` into torchvision's model of the same
 name (keys and shapes are torchvision's) and back into ours with `model.weights=resnet50.pth`.

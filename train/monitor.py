@@ -173,7 +173,7 @@ class Monitor(Callback):
         if not self.is_main:
             return
         self.tb.log({f"{prefix}/{k}": metrics[k] for k in ("loss", "top1", "top5")}, state.step)
-        if prefix == "val":  # the model's; val_ema (train/ema.py) has its own scalars
+        if prefix == "val":  # the model's; val_ema (train/optim.py) has its own scalars
             self.best_top5 = max(self.best_top5, metrics["top5"])
         log.info("step %d (epoch %.2f)  %s loss %.4f  top1 %.2f  top5 %.2f  (%d images)", state.step,
                  state.step / self.steps_per_epoch, prefix, metrics["loss"], metrics["top1"], metrics["top5"],

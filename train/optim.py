@@ -1,4 +1,15 @@
-"""Optimizer and per-iteration learning-rate schedule.
+"""What a step optimises: the loss, the optimizer and its LR schedule, the weight EMA.
+
+Loss (`build_criterion(cfg.optim)`: `(logits [N, C], targets) -> scalar`). `targets` are hard
+labels (int64 [N]) or unsmoothed soft targets (float [N, C], e.g. MixUp/CutMix of one-hot labels).
+Label smoothing s maps both to (1 - s) t + s / C here; it is affine with weights summing to 1, so it
+commutes with mixing: smoothing the mix equals timm's Mixup smoothing each label before mixing, and
+torchvision's reference (v2.MixUp/CutMix, then CrossEntropyLoss(label_smoothing)). `ce` is torch's
+softmax cross-entropy, mean over the batch. `bce` is timm's BinaryCrossEntropy of "ResNet strikes
+back" (Wightman et al. 2021): the mean over batch and classes (timm's default, RSB's), with
+`optim.bce_sum` the sum over classes (timm's `--bce-sum`, C times larger), with
+`optim.bce_target_threshold` > 0 targets above it set to 1 and the rest 0 after smoothing (timm's
+`--bce-target-thresh`). Both compute in float32 whatever the autocast dtype of the logits.
 
 The peak LR follows the linear scaling rule (Goyal et al. 2017, DLE): `lr * global_batch /
 lr_reference_batch`, with the global batch of the *current* run. The schedule is one pure function
@@ -23,6 +34,20 @@ LARS and LAMB are timm's (`timm.optim.Lars`, `timm.optim.Lamb`), not in torch:
   betas (0.9, 0.999), eps 1e-6, L2 decay folded into the Adam update, trust ratio |w| / |update|
   on the decayed group, and the gradients scaled to global norm <= 1 inside the step
   (`max_grad_norm=1.0`; `optim.grad_clip` clips before it, on top). `optim.momentum` is unused.
+
+Weight EMA (`optim.ema_decay` per optimizer step, updated every `optim.ema_every` = k steps with
+decay ** k, so the average spans the same steps whatever k): `AveragedModel` with
+`get_ema_multi_avg_fn` and `use_buffers=True`, as torchvision's reference
+(references/classification/utils.py `ExponentialMovingAverage`), so BN running statistics are
+averaged too, and during the LR warmup the EMA restarts as a copy of the weights after every
+update (torchvision's train.py). torchvision states its decay per "adjust" (`world_size *
+batch_size * model_ema_steps / epochs`); `torchvision_decay_per_step` converts it into ours
+(configs/imagenet_resnet50_tv2.yaml). It is evaluated as `val_ema/*`, saved as the named state
+"ema" (`train.export --ema`, `train.evaluate --ema`, `checkpoint.best_by: val_ema`). Resume is
+exact: the update happens after the optimizer step at global steps divisible by k (a position,
+not a counter of this process), before the checkpoint cadence saves, and the state holds the
+averaged tensors and `n_averaged`. Ranks without SyncBN hold rank-local BN statistics; the trainer
+gives every rank rank 0's EMA buffers before evaluating or saving, as for the model.
 """
 
 from __future__ import annotations
@@ -31,8 +56,60 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+# -- the loss --------------------------------------------------------------------------------------
+
+def smooth_targets(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Float [N, C] targets from hard labels or soft targets, label-smoothed."""
+    if targets.is_floating_point():
+        if targets.shape[-1] != num_classes:
+            raise ValueError(f"soft targets of shape {tuple(targets.shape)} for {num_classes} classes")
+        t = targets.float()
+    else:
+        # F.one_hot's result by scatter: one_hot reads the labels' min back to the host off CUDA
+        t = targets.new_zeros(targets.shape[0], num_classes, dtype=torch.float32)
+        t.scatter_(1, targets.long()[:, None], 1.0)
+    return t * (1.0 - smoothing) + smoothing / num_classes if smoothing else t
+
+
+class CrossEntropy(nn.Module):
+    def __init__(self, smoothing: float = 0.0):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.is_floating_point():  # torch smooths probability targets the same way
+            targets = targets.float()
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.smoothing)
+
+
+class BinaryCrossEntropy(nn.Module):
+    def __init__(self, smoothing: float = 0.0, target_threshold: float = 0.0, sum_classes: bool = False):
+        super().__init__()
+        self.smoothing, self.target_threshold, self.sum_classes = smoothing, target_threshold, sum_classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        t = smooth_targets(targets, logits.shape[-1], self.smoothing)
+        if self.target_threshold:
+            t = (t > self.target_threshold).float()
+        if self.sum_classes:
+            return F.binary_cross_entropy_with_logits(logits, t, reduction="none").sum(-1).mean()
+        return F.binary_cross_entropy_with_logits(logits, t)
+
+
+def build_criterion(cfg) -> nn.Module:
+    """The training loss of the `optim` config section (see the module docstring)."""
+    if cfg.loss == "bce":
+        return BinaryCrossEntropy(cfg.label_smoothing, cfg.bce_target_threshold, cfg.bce_sum)
+    return CrossEntropy(cfg.label_smoothing)
+
+
+# -- the optimizer and its LR schedule ------------------------------------------------------------
 
 # torchvision's set_weight_decay tells norm parameters by their module, as here
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -149,3 +226,75 @@ def build_scheduler(sched, optimizer: torch.optim.Optimizer, steps_per_epoch: in
                     global_batch: int = 0) -> SampleLR:
     """`steps_per_epoch` only serves plain `step()` calls; the trainer drives `set_progress`."""
     return SampleLR(optimizer, sched, steps_per_epoch, epochs, global_batch)
+
+
+# -- the weight EMA --------------------------------------------------------------------------------
+
+def torchvision_decay_per_step(model_ema_decay: float, model_ema_steps: int, *, world_size: int,
+                               batch_size: int, epochs: int) -> float:
+    """torchvision's adjusted decay per EMA update (train.py), as our decay per optimizer step."""
+    adjust = world_size * batch_size * model_ema_steps / epochs
+    alpha = min(1.0, (1.0 - model_ema_decay) * adjust)
+    return (1.0 - alpha) ** (1.0 / model_ema_steps)
+
+
+class EMA:
+    """The averaged copy of `model` (the bare module), updated every `every` optimizer steps."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup_steps: int = 0):
+        self.every, self.warmup_steps = every, warmup_steps
+        self.decay_per_update = decay ** every
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay_per_update),
+                                      use_buffers=True)
+        self.averaged.requires_grad_(False)
+        self.source = model
+        self.updates = 0  # the host's copy of averaged.n_averaged (a CPU tensor): read without a sync
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    def after_step(self, step: int) -> None:
+        """At optimizer step `step` (global): update every `every` steps; during the LR warmup keep
+        copying the weights (torchvision)."""
+        if step % self.every == 0:
+            self.update()
+            if step <= self.warmup_steps:
+                self.updates = 0
+                self.averaged.n_averaged.zero_()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """`AveragedModel.update_parameters` without its host syncs: it tests `n_averaged` and
+        hands `n_averaged.to(device)` to the average, a blocking copy from pageable memory on
+        every update on CUDA. Here the count is a host int; the EMA's average ignores the count
+        (get_ema_multi_avg_fn), and its ops are the same foreach lerp per (device, dtype) group."""
+        ema = [*self.averaged.module.parameters(), *self.averaged.module.buffers()]
+        src = [t.detach() for t in (*self.source.parameters(), *self.source.buffers())]
+        if self.updates == 0:
+            torch._foreach_copy_([t.detach() for t in ema], src)
+        else:
+            groups: dict = {}
+            for e, m in zip(ema, src, strict=True):
+                pair = groups.setdefault((e.device, e.dtype), ([], []))
+                pair[0].append(e.detach())
+                pair[1].append(m)
+            for ema_group, model_group in groups.values():
+                self.averaged.multi_avg_fn(ema_group, model_group, None)
+        self.updates += 1
+        self.averaged.n_averaged.add_(1)
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()  # module.<name>..., n_averaged
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)
+        self.updates = int(self.averaged.n_averaged)
+
+
+def build_ema(cfg, model: nn.Module, steps_per_epoch: int) -> EMA | None:
+    """The EMA of `model` if `cfg.optim.ema_decay` > 0 (saved as the named state "ema"), else None."""
+    if not cfg.optim.ema_decay:
+        return None
+    warmup = int(cfg.schedule.warmup_epochs * steps_per_epoch)  # optimizer steps
+    return EMA(model, cfg.optim.ema_decay, cfg.optim.ema_every, warmup_steps=warmup)

@@ -22,15 +22,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_loaders, mix
 from train import config as config_lib
-from train import ema as ema_lib
 from train import hardware, models, recipe, sync_batchnorm
 from train.callbacks import CheckpointCadence, StopOnSignal, StopSignal, WaitForStaging
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, Value, find_resume, load_value
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.loop import NonFiniteLoss, StopTraining, TrainState, TrainStep, evaluate, train_one_epoch
-from train.losses import build_criterion
 from train.monitor import Monitor, setup_logging
-from train.optim import build_optimizer, build_scheduler
+from train.optim import build_criterion, build_ema, build_optimizer, build_scheduler
 from train.summary import RunSummary
 
 log = logging.getLogger("resnet")
@@ -154,7 +152,7 @@ class Run:
         metrics = evaluate(self.bare, self.val_loader, self.eval_criterion, self.step.amp,
                            hflip_tta=self.cfg.train.eval_hflip)
         self.monitor.log_eval(self.state, metrics)
-        if "ema" in self.states:  # the weight EMA (train/ema.py), logged as val_ema/*
+        if "ema" in self.states:  # the weight EMA (train/optim.py), logged as val_ema/*
             ema = self.states["ema"].module
             sync_buffers(ema)
             ema_metrics = evaluate(ema, self.val_loader, self.eval_criterion, self.step.amp,
@@ -192,7 +190,7 @@ def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     states = {"model": ModelState(bare), "optim": OptimizerState(bare, step.optimizer), "scheduler": step.scheduler,
               "scaler": step.scaler, "train_state": state, "config": Value(config_lib.to_dict(cfg)),
               f"rng_rank{info.rank}": RNGState(info.world_size),
-              **ema_lib.build(cfg, bare, steps_per_epoch)}  # optimizer steps: the EMA warmup
+              **({'ema': e} if (e := build_ema(cfg, bare, steps_per_epoch)) else {})}  # optimizer steps: the EMA warmup
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, info)
     if resume_from is not None:
         resume(cfg, checkpointer, resume_from, states, epoch_samples=steps_per_epoch * global_batch)
