@@ -1,7 +1,9 @@
 """Config errors: one line naming the key, non-zero exit, and no process group created."""
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,7 @@ def test_yaml_and_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
-    ("optim.lr=-0.1", "optim.lr: must be >= 0, got -0.1"),
+    ("optim.lr=-0.1", "optim.lr: must be > 0, got -0.1"),  # one check, one message
     ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
     ("data.batch_size=2.5", "data.batch_size: expected an integer, got 2.5"),
     ("data.batch_size=0", "data.batch_size: must be > 0, got 0"),
@@ -104,6 +106,42 @@ def test_each_section_validates_itself():
         C.DataConfig(val_resize=200).validate("data.")
     with pytest.raises(C.ConfigError, match=r"^ckpt.keep: must be >= 1, got 0$"):
         C.CheckpointConfig(keep=0).validate("ckpt.")
-    with pytest.raises(C.ConfigError, match=r"^optim.lr: must be > 0, got 0$"):
+    with pytest.raises(C.ConfigError, match=r"^optim.lr: must be > 0, got 0.0$"):
         load("optim.lr=0", data=False)
     C.Config().train.validate("train.")  # the defaults pass
+
+
+def undeclared(section: type) -> list[str]:
+    """The fields of `section` declared without `knob`: no resume policy, or a number with no range check."""
+    hints = typing.get_type_hints(section)
+    return [f.name for f in dataclasses.fields(section)
+            if f.metadata.get("resume") not in typing.get_args(C.Resume) or "check" not in f.metadata
+            or (hints[f.name] in (int, float) and not isinstance(f.metadata["check"], C.Rule))]
+
+
+def test_every_key_declares_its_resume_policy_and_check():
+    """A key is one `knob(default, resume=..., check=...)` edit: a field added without it fails here."""
+    sections = {s.name: type(getattr(C.Config(), s.name)) for s in dataclasses.fields(C.Config)}
+    assert {name: undeclared(section) for name, section in sections.items()} == {name: [] for name in sections}
+
+    @dataclasses.dataclass
+    class NewSection(C.Section):
+        ok: int = C.knob(1, resume="free", check=C.positive)
+        bare: int = 3
+        unchecked: float = C.knob(0.5, resume="recipe")
+        flag: bool = C.knob(False, resume="free")
+
+    assert undeclared(NewSection) == ["bare", "unchecked"]
+
+
+def test_every_range_check_runs_with_the_key_in_its_message():
+    """Each numeric key's own rule refuses a value outside it, through the generic `Section.validate`."""
+    for key, f in C.key_fields().items():
+        if (rule := f.metadata["check"]) is None:
+            continue
+        cfg, (section, name) = C.Config(), key.split(".")
+        bad = next(v for v in (-1, 0, 31, 1.5) if not rule.test(v))
+        setattr(getattr(cfg, section), name, bad)
+        with pytest.raises(C.ConfigError) as e:
+            C.validate(cfg, check_data=False)
+        assert str(e.value) == f"{key}: {rule.says}, got {bad}"

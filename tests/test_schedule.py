@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import run_trainer, write_config
 from tests.distributed_helpers import run_ranks
-from train.config import ConfigError, DataConfig, OptimConfig, ScheduleConfig
+from train import config as C
+from train.config import ConfigError, DataConfig, OptimConfig, ScheduleConfig, split_batch
 from train.optim import build_optimizer, build_scheduler, lr_factor, peak_lr
-from train.recipe import compare, split_batch
 
 SCHED = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_start_factor=0.1)
 
@@ -66,28 +66,52 @@ def test_split_batch():
         split_batch(d, OptimConfig(accumulate=3), 2)
 
 
+def config(**sections) -> C.Config:
+    """A Config from {"data": {...}, ...} keyword sections."""
+    return C.from_dict(sections)
+
+
 def test_compare_refuses_recipe_keys_and_logs_the_rest():
-    old = {"optim": {"lr": 0.1, "implementation": "foreach"}, "data": {"batch_size": 8, "global_batch": 0,
-                                                                       "workers": 2, "mean": [0.5]},
-           "log": {"every": 10}, "train": {"allow_changes": []}, "schedule": {"name": "cosine"}}
-    new = {"optim": {"lr": 0.2, "implementation": "for-loop"}, "data": {"batch_size": 16, "global_batch": 0,
-                                                                        "workers": 4, "mean": (0.5,)},
-           "log": {"every": 5}, "train": {"allow_changes": []}, "schedule": {"name": "step"}}
-    refused, logged = compare(old, new)
-    assert [c.split(":")[0] for c in refused] == ["data.batch_size", "optim.lr", "schedule.name"]
-    assert refused[1] == "optim.lr: 0.1 -> 0.2"
+    old = C.to_dict(config(optim={"lr": 0.1}, data={"batch_size": 8, "workers": 2, "mean": [0.5], "std": [0.2]},
+                         log={"every": 10}))
+    new = config(optim={"lr": 0.2, "implementation": "for-loop"},
+                 data={"batch_size": 16, "workers": 4, "mean": (0.5,), "std": [0.2]},
+                 log={"every": 5}, schedule={"name": "step"})
+    refused, logged = C.compare(old, new, world=2, old_world=2)
+    assert refused == ["data.batch_size: 8 -> 16 (global batch 16 -> 32)", "optim.lr: 0.1 -> 0.2",
+                       "schedule.name: 'cosine' -> 'step'"]
     assert [c.split(":")[0] for c in logged] == ["data.workers", "log.every", "optim.implementation"]
-    new["train"]["allow_changes"] = ["optim.lr", "schedule.*"]
-    assert [c.split(":")[0] for c in compare(old, new)[0]] == ["data.batch_size"]
-    # with the global batch set and kept, the per-rank batch (and accumulation) may change
-    old["data"]["global_batch"] = new["data"]["global_batch"] = 64
-    assert compare(old, new)[0] == []
-    new["data"]["global_batch"] = 128
-    assert [c.split(":")[0] for c in compare(old, new)[0]] == ["data.batch_size", "data.global_batch"]
+    new.train.allow_changes = ["optim.lr", "schedule.*"]
+    assert [c.split(":")[0] for c in C.compare(old, new, 2, 2)[0]] == ["data.batch_size"]
+    # the checkpoint's world size unknown and no global batch set: a per-rank batch change is refused
+    assert C.compare(old, new, 1, None)[0] == ["data.batch_size: 8 -> 16 (global batch ? -> 16)"]
     # a key added since the checkpoint: compared with its default
-    assert compare({}, {"optim": {"ema_decay": 0.0}}, {"optim": {"ema_decay": 0.0}}) == ([], [])
-    assert compare({}, {"optim": {"ema_decay": 0.9}}, {"optim": {"ema_decay": 0.0}})[0] == [
-        "optim.ema_decay: 0.0 -> 0.9"]
+    assert C.compare({}, config(), 1, 1) == ([], [])
+    assert C.compare({}, config(optim={"ema_decay": 0.9}), 1, 1)[0] == ["optim.ema_decay: 0.0 -> 0.9"]
+
+
+def test_resume_compares_the_global_batch_and_the_lr_rule():
+    """2 ranks x 12 -> 1 rank x 24 keeps the global batch 24: accepted without train.allow_changes,
+    with data.global_batch set or not; a changed global batch is refused with one exact line."""
+    two_by_12 = C.to_dict(config(data={"batch_size": 12}))
+    assert C.check_resume(two_by_12, config(data={"batch_size": 24}), 1, 2, "step_5") == ["data.batch_size: 12 -> 24"]
+    kept = C.to_dict(config(data={"batch_size": 12, "global_batch": 24}))
+    assert C.check_resume(kept, config(data={"batch_size": 24, "global_batch": 24}), 1, 2, "step_5") == [
+        "data.batch_size: 12 -> 24"]
+    assert C.check_resume(kept, config(data={"batch_size": 24}), 1, 2, "step_5") == [  # the same 24, now implied
+        "data.batch_size: 12 -> 24", "data.global_batch: 24 -> 0"]
+    assert C.check_resume(two_by_12, config(data={"batch_size": 12}, optim={"accumulate": 2}), 1, 2, "step_5") == [
+        "optim.accumulate: 1 -> 2"]
+    with pytest.raises(ConfigError) as e:
+        C.check_resume(kept, config(data={"batch_size": 24, "global_batch": 48}), 1, 2, "step_5")
+    assert str(e.value) == ("resume from step_5 would change the recipe: data.batch_size: 12 -> 24 (global batch "
+                            "24 -> 48); data.global_batch: 24 -> 48; start a new run (log.name=...) or allow it "
+                            "with train.allow_changes=[data.batch_size,data.global_batch]")
+    # the world size alone changes the global batch (no data.global_batch): no key changed, the linear rule
+    assert C.check_resume(two_by_12, config(data={"batch_size": 12}), 1, 2, "step_5") == []
+    # the LR rule is optim.lr per optim.lr_reference_batch: the same rule written differently passes
+    assert C.check_resume(two_by_12, config(data={"batch_size": 12}, optim={"lr": 0.2, "lr_reference_batch": 512}),
+                        2, 2, "step_5") == ["optim.lr: 0.1 -> 0.2", "optim.lr_reference_batch: 256 -> 512"]
 
 
 # -- accumulation: k micro-batches on W ranks == one batch of k*B*W on one rank ------------------
@@ -207,3 +231,24 @@ def test_resume_refuses_a_recipe_change_unless_allowed(tmp_path, tiny_data):
     r = run_trainer(cfg, *args, "optim.lr=0.2", "log.every=1", "train.allow_changes=[optim.lr]", "train.max_steps=3")
     assert "changes: log.every: 2 -> 1; optim.lr: 0.1 -> 0.2; train.allow_changes" in r.stdout
     assert "peak LR 0.00625 for global batch 8" in r.stdout
+
+
+def test_resume_2x8_as_1x16_keeps_the_recipe_and_a_new_global_batch_is_refused(tmp_path, tiny_data):
+    """2 steps on 2 ranks x 8, then 1 rank x 16: the global batch 16 is kept, so the resume needs no
+    train.allow_changes and the LR stays on the very curve (no peak change). 1 rank x 24 would
+    make it 24: refused with one line, before anything is written."""
+    cfg = write_config(tmp_path, tiny_data)
+    args = ("log.every=1", "dist.device=cpu", "dist.cpu_threads=1", "log.images=false", "log.graph=false",
+            "log.feature_maps=false")
+    run_trainer(cfg, *args, "train.max_steps=2", nproc=2)
+    r = run_trainer(cfg, *args, "data.batch_size=24", check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        "error: resume from step_2 would change the recipe: data.batch_size: 8 -> 24 (global batch 16 -> 24); "
+        "start a new run (log.name=...) or allow it with train.allow_changes=[data.batch_size]"]
+    r = run_trainer(cfg, *args, "data.batch_size=16")
+    assert "resume from step_2 changes: data.batch_size: 8 -> 16" in r.stdout and "peak LR" not in r.stdout
+    after = lr_after(tmp_path / "runs/tiny", 2)
+    assert sorted(after) == list(range(3, 3 + (128 - 32) // 16))
+    for s, lr in after.items():
+        assert lr == pytest.approx(expected(32 + (s - 2) * 16, 16), rel=1e-5), (s, lr)

@@ -1,24 +1,31 @@
 """Typed run configuration: YAML recipe + dotted CLI overrides, validated before any process group.
 
-A key is declared in one place: its field, with its type (a ``Literal`` lists the allowed
-values) and its section's ``validate`` holding its range checks. Every user mistake becomes an
-error of one line that names the key. What the config alone can tell (unknown key,
-wrong type, impossible value, missing data root) is raised by ``load`` on every rank before
-distributed init, so a bad command never leaves a half-started job behind; what needs the
-device or the files (fp16 without CUDA, unreadable weights, missing class folders, a dataset
-smaller than one global batch) is found after start-up, as a ``ConfigError`` or the data
+A key is declared in one place, its field: the type (a ``Literal`` lists the allowed values), the
+default, its range check and its resume policy, as ``knob(default, resume=..., check=...)``.
+``Section.validate`` runs every field's check; a section adds only the checks that span its
+fields. Every user mistake becomes an error of one line that names the key. What the config alone
+can tell (unknown key, wrong type, impossible value, missing data root) is raised by ``load`` on
+every rank before distributed init, so a bad command never leaves a half-started job behind; what
+needs the device or the files (fp16 without CUDA, unreadable weights, missing class folders, a
+dataset smaller than one global batch) is found after start-up, as a ``ConfigError`` or the data
 package's ``DataError``, and ``train/main.py`` prints it as one line and exits 2.
+
+The recipe across world sizes is here too: `split_batch` splits the global batch over the ranks,
+and `check_resume` compares a checkpoint's config with the new one by what the recipe means (the
+global batch, the LR rule, every other recipe key), each key by its resume policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -27,91 +34,118 @@ class ConfigError(ValueError):
     """A user error in the config: the message is one line that names the key."""
 
 
+# What a resume may do with a key (`check_resume`):
+#   free   only how fast or where the same recipe runs (workers, logging, checkpoints, amp): logged
+#   recipe refused unless train.allow_changes names it (a key or `section.*`)
+#   split  how the global batch is split (data.batch_size, optim.accumulate, data.global_batch):
+#          logged while the effective global batch is kept, e.g. 2 ranks x 12 -> 1 rank x 24
+#   rate   the LR rule, optim.lr per optim.lr_reference_batch images: logged while their ratio is kept
+Resume = Literal["free", "recipe", "split", "rate"]
+
+
+class Rule(NamedTuple):
+    """A range check: `test(value)` holds, or the error is "<key>: <says>, got <value>"."""
+
+    test: Callable[[Any], bool]
+    says: str
+
+
+positive = Rule(lambda v: v > 0, "must be > 0")
+non_negative = Rule(lambda v: v >= 0, "must be >= 0")
+probability = Rule(lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+below_one = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def knob(default: Any, *, resume: Resume, check: Rule | None = None) -> Any:
+    """A config field with its resume policy and range check (None where the type is the whole
+    check: bool, str, a Literal's choices, a list). A list default is copied for each instance."""
+    meta = {"resume": resume, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 class Section:
-    """A config section: its fields, and `validate` for the checks that need only its own values."""
+    """A config section: its fields, each checked by its own `check`, and `validate`."""
 
     def validate(self, prefix: str) -> None:
-        """Raise ConfigError for an impossible value; `prefix` is the section's key, e.g. 'data.'."""
-
-    def _positive(self, prefix: str, *names: str) -> None:
-        for name in names:
-            if (value := getattr(self, name)) <= 0:
-                raise ConfigError(f"{prefix}{name}: must be > 0, got {value}")
-
-    def _non_negative(self, prefix: str, *names: str) -> None:
-        for name in names:
-            if (value := getattr(self, name)) < 0:
-                raise ConfigError(f"{prefix}{name}: must be >= 0, got {value}")
+        """Raise ConfigError for an impossible value; `prefix` is the section's key, e.g. 'data.'.
+        A section that checks values against each other extends this (super().validate first)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key, value = f"{prefix}{f.name}", getattr(self, f.name)
+            if typing.get_origin(hints[f.name]) is Literal:  # again: a Config built in code skips _merge
+                _coerce(key, value, hints[f.name])
+            rule = f.metadata.get("check")
+            if rule is not None and not rule.test(value):
+                raise ConfigError(f"{key}: {rule.says}, got {value}")
 
 
 @dataclass
 class DataConfig(Section):
-    root: str = ""  # ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG, or a data.pack output
+    # ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG, or a data.pack output
+    root: str = knob("", resume="recipe")
     # node-local disk ($SLURM_TMPDIR, /local/scratch) to copy data.root to at start (data/stage.py): one
     # copy per node, reused after a requeue; "" = read data.root in place
-    stage_dir: str = ""
-    loader: Literal["torch", "dali", "synthetic"] = "torch"
-    dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: gpu if CUDA
-    batch_size: int = 256  # per rank; with global_batch: the largest micro-batch per rank
+    stage_dir: str = knob("", resume="free")
+    loader: Literal["torch", "dali", "synthetic"] = knob("torch", resume="free")
+    dali_device: Literal["auto", "gpu", "cpu"] = knob("auto", resume="free")  # auto: gpu if CUDA
+    batch_size: int = knob(256, resume="split", check=positive)  # per rank; with global_batch: the largest micro-batch
     # the recipe's global batch (samples per optimizer step); the per-rank batch and optim.accumulate
-    # are derived from it and the world size (train/recipe.py), so the recipe survives a world-size
+    # are derived from it and the world size (`split_batch`), so the recipe survives a world-size
     # change; 0 = off: global batch = batch_size x world size x optim.accumulate
-    global_batch: int = 0
-    val_batch_size: int = 0  # per rank; 0 = batch_size
-    workers: int = 8  # decode processes (torch) or threads (DALI) per rank
-    train_crop: int = 224
-    val_resize: int = 256  # shorter side before the center crop
-    val_crop: int = 224
-    crop: Literal["random_resized", "pad"] = "random_resized"  # pad: pad + random crop (CIFAR)
-    pad: int = 4  # pixels of zero padding for crop=pad
-    min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    global_batch: int = knob(0, resume="split", check=non_negative)
+    val_batch_size: int = knob(0, resume="free", check=non_negative)  # per rank; 0 = batch_size
+    workers: int = knob(8, resume="free", check=non_negative)  # decode processes (torch) or threads (DALI) per rank
+    train_crop: int = knob(224, resume="recipe", check=positive)
+    val_resize: int = knob(256, resume="recipe", check=positive)  # shorter side before the center crop
+    val_crop: int = knob(224, resume="recipe", check=positive)
+    # pad: pad + random crop (CIFAR)
+    crop: Literal["random_resized", "pad"] = knob("random_resized", resume="recipe")
+    pad: int = knob(4, resume="recipe", check=non_negative)  # pixels of zero padding for crop=pad
+    # RandomResizedCrop lower area bound
+    min_scale: float = knob(0.08, resume="recipe", check=Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # progressive resizing (FFCV): train at `progressive_min_crop` until `progressive_start_epoch`,
     # then rise linearly (in steps of 32 px) to `train_crop` at `progressive_end_epoch`; 0 = off
-    progressive_min_crop: int = 0
-    progressive_start_epoch: int = 0
-    progressive_end_epoch: int = 0
-    hflip: bool = True
-    # after crop and flip, on both loaders (data/augment.py): torchvision v2 / nvidia.dali.auto_aug
-    auto_augment: Literal["none", "trivial_augment", "rand_augment"] = "none"  # TrivialAugmentWide | RandAugment
-    rand_augment_n: int = 2  # RandAugment: ops per image (torchvision's default)
-    rand_augment_m: int = 9  # RandAugment: magnitude bin, 0..30 (torchvision's default)
-    random_erasing: float = 0.0  # probability of v2.RandomErasing (value 0 on the normalised image); 0 = off
+    progressive_min_crop: int = knob(0, resume="recipe", check=non_negative)
+    progressive_start_epoch: int = knob(0, resume="recipe", check=non_negative)
+    progressive_end_epoch: int = knob(0, resume="recipe", check=non_negative)
+    hflip: bool = knob(True, resume="recipe")
+    # after crop and flip, on both loaders (data/augment.py): torchvision v2 / nvidia.dali.auto_aug;
+    # TrivialAugmentWide | RandAugment
+    auto_augment: Literal["none", "trivial_augment", "rand_augment"] = knob("none", resume="recipe")
+    rand_augment_n: int = knob(2, resume="recipe", check=positive)  # RandAugment: ops per image (torchvision's)
+    # RandAugment: magnitude bin, 0..30 (torchvision's default 9)
+    rand_augment_m: int = knob(9, resume="recipe",
+                               check=Rule(lambda v: 0 <= v <= 30, "must be a magnitude bin in 0..30"))
+    # probability of v2.RandomErasing (value 0 on the normalised image); 0 = off
+    random_erasing: float = knob(0.0, resume="recipe", check=probability)
     # repeated augmentation (DeiT/torchvision RASampler, data/sampler.py): each image k times an epoch on
     # different ranks, differently augmented; the epoch stays ~n samples (n // 256 * 256); 1 = off
-    repeated_aug: int = 1
+    repeated_aug: int = knob(1, resume="recipe", check=positive)
     # MixUp / CutMix on the device after the loader, on every loader (data/mix.py): Beta(alpha, alpha)
     # mixing weights; 0 = off. The train loss sees soft targets; validation is never mixed.
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0  # probability that a batch is mixed at all (timm's mixup_prob)
-    mix_switch_prob: float = 0.5  # with both alphas > 0: probability of CutMix instead of MixUp (timm's)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    num_classes: int = 0  # 0 = count the class folders
-    classes: list[str] = field(default_factory=list)  # subset of class folders; [] = all
-    pin_memory: bool = True
-    synthetic_samples: int = 1281167  # epoch length of data.loader=synthetic (ImageNet's)
+    mixup_alpha: float = knob(0.0, resume="recipe", check=non_negative)
+    cutmix_alpha: float = knob(0.0, resume="recipe", check=non_negative)
+    # probability that a batch is mixed at all (timm's mixup_prob)
+    mix_prob: float = knob(1.0, resume="recipe", check=probability)
+    # with both alphas > 0: probability of CutMix instead of MixUp (timm's)
+    mix_switch_prob: float = knob(0.5, resume="recipe", check=probability)
+    mean: tuple[float, ...] = knob((0.485, 0.456, 0.406), resume="recipe")
+    std: tuple[float, ...] = knob((0.229, 0.224, 0.225), resume="recipe")  # as long as mean, positive
+    num_classes: int = knob(0, resume="recipe", check=non_negative)  # 0 = count the class folders
+    classes: list[str] = knob([], resume="recipe")  # subset of class folders; [] = all
+    pin_memory: bool = knob(True, resume="free")
+    # epoch length of data.loader=synthetic (ImageNet's)
+    synthetic_samples: int = knob(1281167, resume="free", check=positive)
 
     def validate(self, prefix: str) -> None:
-        self._positive(prefix, "batch_size", "train_crop", "val_crop", "repeated_aug")
-        self._non_negative(prefix, "global_batch")
-        self._non_negative(prefix, "mixup_alpha", "cutmix_alpha")
-        for name in ("mix_prob", "mix_switch_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{prefix}{name}: must be a probability in [0, 1], got {getattr(self, name)}")
-        self._non_negative(prefix, "workers", "val_batch_size", "pad")
+        super().validate(prefix)
         if self.progressive_min_crop and not (
-                0 < self.progressive_min_crop <= self.train_crop
-                and 0 <= self.progressive_start_epoch <= self.progressive_end_epoch):
+                self.progressive_min_crop <= self.train_crop
+                and self.progressive_start_epoch <= self.progressive_end_epoch):
             raise ConfigError(f"{prefix}progressive_min_crop: needs 0 < progressive_min_crop <= train_crop "
                               "and progressive_start_epoch <= progressive_end_epoch")
-        if not 0 < self.min_scale <= 1:
-            raise ConfigError(f"{prefix}min_scale: must be in (0, 1], got {self.min_scale}")
-        if not 0 <= self.random_erasing <= 1:
-            raise ConfigError(f"{prefix}random_erasing: must be a probability in [0, 1], got {self.random_erasing}")
-        self._positive(prefix, "rand_augment_n")
-        if not 0 <= self.rand_augment_m <= 30:
-            raise ConfigError(f"{prefix}rand_augment_m: must be a magnitude bin in 0..30, got {self.rand_augment_m}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError(f"{prefix}mean/{prefix}std: need the same length and positive std")
         if self.val_resize < self.val_crop:
@@ -121,145 +155,126 @@ class DataConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    name: str = "resnet50"
-    zero_init_residual: bool = True
-    stem: Literal["auto", "imagenet", "cifar"] = "auto"  # imagenet: 7x7/2 + max-pool; cifar: 3x3/1
-    shortcut: Literal["auto", "A", "B", "C"] = "auto"
-    stride_in_1x1: bool = False  # True = the paper's ResNet v1, False = v1.5 (torchvision)
-    se: bool = False  # squeeze-and-excitation (Hu et al. 2018) in every block; the seresnet* names imply it
-    weights: str = ""  # local .pth (torchvision state_dict or project export)
-    freeze_stages: int = 0
-    new_classifier: bool = False  # with weights: re-initialise fc (transfer to other classes)
-    channels_last: bool = True
-    sync_bn: bool = True  # only when world_size > 1
-    compile: bool = False
-
-    def validate(self, prefix: str) -> None:
-        self._non_negative(prefix, "freeze_stages")
+    name: str = knob("resnet50", resume="recipe")
+    zero_init_residual: bool = knob(True, resume="recipe")
+    # imagenet: 7x7/2 + max-pool; cifar: 3x3/1
+    stem: Literal["auto", "imagenet", "cifar"] = knob("auto", resume="recipe")
+    shortcut: Literal["auto", "A", "B", "C"] = knob("auto", resume="recipe")
+    stride_in_1x1: bool = knob(False, resume="recipe")  # True = the paper's ResNet v1, False = v1.5 (torchvision)
+    # squeeze-and-excitation (Hu et al. 2018) in every block; the seresnet* names imply it
+    se: bool = knob(False, resume="recipe")
+    weights: str = knob("", resume="recipe")  # local .pth (torchvision state_dict or project export)
+    freeze_stages: int = knob(0, resume="recipe", check=non_negative)
+    new_classifier: bool = knob(False, resume="recipe")  # with weights: re-initialise fc (transfer to other classes)
+    channels_last: bool = knob(True, resume="free")
+    sync_bn: bool = knob(True, resume="recipe")  # only when world_size > 1
+    compile: bool = knob(False, resume="free")
 
 
 @dataclass
 class OptimConfig(Section):
-    name: Literal["sgd", "lars", "lamb"] = "sgd"  # lars, lamb: timm.optim's (train/optim.py)
-    lr: float = 0.1  # per `lr_reference_batch` images; scaled linearly with the global batch
-    lr_reference_batch: int = 256
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    bn_weight_decay: bool = False  # False: no decay on norm-layer parameters (and biases, unless bias_weight_decay)
-    bias_weight_decay: Literal["as_bn", "on", "off"] = "as_bn"  # the other biases (fc, SE); as_bn: as bn_weight_decay
-    label_smoothing: float = 0.0
-    # training loss (train/optim.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
+    name: Literal["sgd", "lars", "lamb"] = knob("sgd", resume="recipe")  # lars, lamb: timm.optim's (train/optim.py)
+    lr: float = knob(0.1, resume="rate", check=positive)  # per `lr_reference_batch` images; linear in the global batch
+    lr_reference_batch: int = knob(256, resume="rate", check=positive)
+    momentum: float = knob(0.9, resume="recipe", check=non_negative)
+    nesterov: bool = knob(False, resume="recipe")
+    weight_decay: float = knob(1e-4, resume="recipe", check=non_negative)
+    # False: no decay on norm-layer parameters (and biases, unless bias_weight_decay)
+    bn_weight_decay: bool = knob(False, resume="recipe")
+    # the other biases (fc, SE); as_bn: as bn_weight_decay
+    bias_weight_decay: Literal["as_bn", "on", "off"] = knob("as_bn", resume="recipe")
+    label_smoothing: float = knob(0.0, resume="recipe", check=below_one)
+    # training loss (train/losses.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
     # on the (soft) targets, as timm's BinaryCrossEntropy in "ResNet strikes back"
-    loss: Literal["ce", "bce"] = "ce"
-    bce_target_threshold: float = 0.0  # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
-    bce_sum: bool = False  # bce: sum over classes, mean over batch (timm --bce-sum); False: mean of both (timm)
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    loss: Literal["ce", "bce"] = knob("ce", resume="recipe")
+    # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
+    bce_target_threshold: float = knob(0.0, resume="recipe", check=below_one)
+    # bce: sum over classes, mean over batch (timm --bce-sum); False: mean of both (timm)
+    bce_sum: bool = knob(False, resume="recipe")
+    grad_clip: float = knob(0.0, resume="recipe", check=non_negative)  # max global grad norm; 0 = off
     # micro-batches per optimizer step (gradient accumulation, DDP no_sync on all but the last);
     # with data.global_batch: must split the per-rank batch, or 1 = derive it from data.batch_size
-    accumulate: int = 1
-    # weight EMA (train/optim.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
+    accumulate: int = knob(1, resume="split", check=positive)
+    # weight EMA (train/ema.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
     # updated every `ema_every` steps with decay ** ema_every; evaluated as val_ema/*, saved as "ema"
-    ema_decay: float = 0.0
-    ema_every: int = 1
-    implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
+    ema_decay: float = knob(0.0, resume="recipe", check=Rule(lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"))
+    ema_every: int = knob(1, resume="recipe", check=positive)
+    implementation: Literal["foreach", "fused", "for-loop"] = knob("foreach", resume="free")
 
     def validate(self, prefix: str) -> None:
-        self._positive(prefix, "lr_reference_batch", "ema_every")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"{prefix}ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
-        self._non_negative(prefix, "lr", "weight_decay", "momentum", "grad_clip")
-        self._positive(prefix, "accumulate")
-        if self.lr == 0:
-            raise ConfigError(f"{prefix}lr: must be > 0, got 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"{prefix}label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.bce_target_threshold < 1:
-            raise ConfigError(f"{prefix}bce_target_threshold: must be in [0, 1), got {self.bce_target_threshold}")
+        super().validate(prefix)
         if self.implementation == "fused" and self.name != "sgd":
             raise ConfigError(f"{prefix}implementation: fused is for sgd only; {self.name} takes foreach or for-loop")
 
 
 @dataclass
 class ScheduleConfig(Section):
-    name: Literal["cosine", "step", "multistep", "poly", "constant"] = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.1
-    step_size: int = 30  # epochs, for step
-    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # epochs, for multistep
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0  # cosine and poly end at lr * min_lr_factor
-    power: float = 2.0  # poly: (1 - progress) ** power, as MLPerf's LARS recipes
-
-    def validate(self, prefix: str) -> None:
-        self._non_negative(prefix, "warmup_epochs")
+    name: Literal["cosine", "step", "multistep", "poly", "constant"] = knob("cosine", resume="recipe")
+    warmup_epochs: float = knob(0.0, resume="recipe", check=non_negative)
+    warmup_start_factor: float = knob(0.1, resume="recipe", check=non_negative)
+    step_size: int = knob(30, resume="recipe", check=positive)  # epochs, for step
+    milestones: list[int] = knob([30, 60, 80], resume="recipe")  # epochs, for multistep
+    gamma: float = knob(0.1, resume="recipe", check=non_negative)
+    min_lr_factor: float = knob(0.0, resume="recipe", check=non_negative)  # cosine and poly end at lr * min_lr_factor
+    power: float = knob(2.0, resume="recipe", check=non_negative)  # poly: (1 - progress) ** power, as MLPerf's LARS
 
 
 @dataclass
 class TrainConfig(Section):
-    epochs: int = 90
+    epochs: int = knob(90, resume="recipe", check=positive)
     # auto: from the hardware (train/hardware.py): bf16 on sm >= 8.0, else fp16; on the CPU bf16
     # only where it is native (AMX/AVX512-BF16) and a probe finds it faster, else fp32 ("off")
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    eval_every: int = 1  # epochs
-    eval_hflip: bool = False  # evaluate on the mean logits of each image and its mirror (flip TTA)
-    max_steps: int = 0  # stop after this many global steps (tests, benchmarks); 0 = off
-    resume: str = "auto"  # auto (latest in run dir) | off | path to a checkpoint dir
-    # recipe keys a resume may change (train/recipe.py), e.g. [optim.lr, schedule.*]; others stop it
-    allow_changes: list[str] = field(default_factory=list)
-
-    def validate(self, prefix: str) -> None:
-        self._positive(prefix, "epochs", "eval_every")
-        self._non_negative(prefix, "max_steps")
+    amp: Literal["auto", "off", "bf16", "fp16"] = knob("auto", resume="free")
+    seed: int = knob(0, resume="recipe", check=non_negative)
+    deterministic: bool = knob(False, resume="free")
+    eval_every: int = knob(1, resume="free", check=positive)  # epochs
+    # evaluate on the mean logits of each image and its mirror (flip TTA)
+    eval_hflip: bool = knob(False, resume="free")
+    # stop after this many global steps (tests, benchmarks); 0 = off
+    max_steps: int = knob(0, resume="free", check=non_negative)
+    resume: str = knob("auto", resume="free")  # auto (latest in run dir) | off | path to a checkpoint dir
+    # recipe keys a resume may change (`check_resume`), e.g. [optim.lr, schedule.*]; others stop it
+    allow_changes: list[str] = knob([], resume="free")
 
 
 @dataclass
 class LogConfig(Section):
-    dir: str = "runs"
-    name: str = ""  # run directory is <dir>/<name>; "" = the config file's stem
-    every: int = 50  # steps between reduced metrics (the only host sync)
-    tensorboard: bool = True
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"  # auto: a bar on a terminal, else lines
-    grad_norm_every: int = 50  # steps between per-stage gradient and weight norms; 0 = off
-    histograms: bool = False  # weight and gradient histograms every epoch
-    images: bool = True  # a grid of augmented training inputs at the start
-    feature_maps: bool = True  # stage activations of a fixed validation image at every evaluation
-    graph: bool = True  # the model graph (traced once on a CPU copy)
-
-    def validate(self, prefix: str) -> None:
-        self._positive(prefix, "every")
-        self._non_negative(prefix, "grad_norm_every")
+    dir: str = knob("runs", resume="free")
+    name: str = knob("", resume="free")  # run directory is <dir>/<name>; "" = the config file's stem
+    every: int = knob(50, resume="free", check=positive)  # steps between reduced metrics (the only host sync)
+    tensorboard: bool = knob(True, resume="free")
+    # auto: a bar on a terminal, else lines
+    progress: Literal["auto", "bar", "lines", "off"] = knob("auto", resume="free")
+    # steps between per-stage gradient and weight norms; 0 = off
+    grad_norm_every: int = knob(50, resume="free", check=non_negative)
+    histograms: bool = knob(False, resume="free")  # weight and gradient histograms every epoch
+    images: bool = knob(True, resume="free")  # a grid of augmented training inputs at the start
+    # stage activations of a fixed validation image at every evaluation
+    feature_maps: bool = knob(True, resume="free")
+    graph: bool = knob(True, resume="free")  # the model graph (traced once on a CPU copy)
 
 
 @dataclass
 class CheckpointConfig(Section):
-    every_epochs: int = 1
-    every_steps: int = 0
-    keep: int = 3
-    keep_best: bool = True
-    best_by: Literal["val", "val_ema"] = "val"  # best.json: the model's val top-1 or the EMA's (optim.ema_decay)
-    async_save: bool = True
-
-    def validate(self, prefix: str) -> None:
-        self._non_negative(prefix, "every_epochs", "every_steps")
-        if self.keep < 1:
-            raise ConfigError(f"{prefix}keep: must be >= 1, got {self.keep}")
+    every_epochs: int = knob(1, resume="free", check=non_negative)
+    every_steps: int = knob(0, resume="free", check=non_negative)
+    keep: int = knob(3, resume="free", check=Rule(lambda v: v >= 1, "must be >= 1"))
+    keep_best: bool = knob(True, resume="free")
+    # best.json: the model's val top-1 or the EMA's (optim.ema_decay)
+    best_by: Literal["val", "val_ema"] = knob("val", resume="free")
+    async_save: bool = knob(True, resume="free")
 
 
 @dataclass
 class DistConfig(Section):
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    timeout_s: int = 1800
-    bucket_cap_mb: int = 25
-    gradient_as_bucket_view: bool = True
-    static_graph: bool = False
-    cpu_threads: int = 0  # intra-op threads per rank; 0 = its share of the node's CPUs (less loader workers)
-
-    def validate(self, prefix: str) -> None:
-        self._non_negative(prefix, "cpu_threads")
+    backend: Literal["auto", "nccl", "gloo"] = knob("auto", resume="free")  # auto: nccl on CUDA, gloo on CPU
+    device: Literal["auto", "cuda", "cpu"] = knob("auto", resume="free")
+    timeout_s: int = knob(1800, resume="free", check=positive)
+    bucket_cap_mb: int = knob(25, resume="free", check=positive)
+    gradient_as_bucket_view: bool = knob(True, resume="free")
+    static_graph: bool = knob(False, resume="free")
+    # intra-op threads per rank; 0 = its share of the node's CPUs (less loader workers)
+    cpu_threads: int = knob(0, resume="free", check=non_negative)
 
 
 @dataclass
@@ -276,6 +291,12 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.log.dir) / self.log.name
+
+
+def key_fields() -> dict[str, dataclasses.Field]:
+    """Every key as `section.name`, with its field (its metadata holds resume and check)."""
+    cfg = Config()
+    return {f"{s.name}.{f.name}": f for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -335,20 +356,13 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
 
-def _all_keys(cfg: Config) -> list[str]:
-    keys = []
-    for section in dataclasses.fields(cfg):
-        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, section.name))]
-    return keys
-
-
 def parse_override(arg: str, cfg: Config) -> dict:
     """`optim.lr=0.4` → {"optim": {"lr": 0.4}}; the value is parsed as YAML (numbers, lists, bools)."""
     if "=" not in arg:
         raise ConfigError(f"override '{arg}' is not of the form section.key=value")
     key, raw = arg.split("=", 1)
-    if key not in _all_keys(cfg):
-        raise _unknown(key, _all_keys(cfg))
+    if key not in (keys := list(key_fields())):
+        raise _unknown(key, keys)
     value = yaml.safe_load(raw) if raw != "" else ""
     section, name = key.split(".", 1)
     field_tp = typing.get_type_hints(type(getattr(cfg, section)))[name]
@@ -367,18 +381,13 @@ def _is_text(tp: Any) -> bool:
 def validate(cfg: Config, check_data: bool = True) -> None:
     """Each section's own checks, then those that span sections or look at the disk."""
     for section in dataclasses.fields(cfg):
-        obj, prefix = getattr(cfg, section.name), f"{section.name}."
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):  # choices again: a Config built in code skips _merge
-            if typing.get_origin(hints[f.name]) is Literal:
-                _coerce(f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name])
-        obj.validate(prefix)
+        getattr(cfg, section.name).validate(f"{section.name}.")
     if cfg.checkpoint.best_by == "val_ema" and not cfg.optim.ema_decay:
         raise ConfigError("checkpoint.best_by: val_ema needs optim.ema_decay > 0")
     sections = [f"{s.name}.*" for s in dataclasses.fields(cfg)]
-    for key in cfg.train.allow_changes:  # keys or whole sections (train/recipe.py)
-        if key not in sections and key not in _all_keys(cfg):
-            raise ConfigError(f"train.allow_changes: {_unknown(key, _all_keys(cfg))}")
+    for key in cfg.train.allow_changes:  # keys or whole sections (`check_resume`)
+        if key not in sections and key not in (keys := list(key_fields())):
+            raise ConfigError(f"train.allow_changes: {_unknown(key, keys)}")
     if check_data and cfg.data.loader != "synthetic":
         if not cfg.data.root:
             raise ConfigError("data.root: not set; pass data.root=/path/to/imagenet (a folder with train/ and val/)")
@@ -432,3 +441,91 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
+
+# -- the recipe across world sizes: the global batch split over the ranks, what a resume may change --
+
+class BatchSplit(NamedTuple):
+    """How one optimizer step's samples are cut: per rank, in micro-batches."""
+
+    batch: int  # per rank and micro-batch
+    accumulate: int  # micro-batches per optimizer step
+    global_batch: int  # samples per optimizer step, all ranks
+
+    def describe(self, world: int) -> str:
+        return f"global batch {self.global_batch} = {world} ranks x {self.batch} x {self.accumulate} micro-batches"
+
+
+def split_batch(data: DataConfig, optim: OptimConfig, world: int) -> BatchSplit:
+    """`data.global_batch` over `world` ranks: per rank global_batch / world, in `optim.accumulate`
+    equal micro-batches if that is set (> 1), else in the fewest equal micro-batches of at most
+    `data.batch_size`. Unset: data.batch_size x world x optim.accumulate."""
+    if not data.global_batch:
+        return BatchSplit(data.batch_size, optim.accumulate, data.batch_size * world * optim.accumulate)
+    gb = data.global_batch
+    if gb % world:
+        raise ConfigError(f"data.global_batch: {gb} does not split over {world} ranks "
+                          f"(it must be a multiple of the world size)")
+    per_rank = gb // world
+    if optim.accumulate > 1:
+        if per_rank % optim.accumulate:
+            raise ConfigError(f"data.global_batch: {gb} / {world} ranks = {per_rank} per rank does not split "
+                              f"into optim.accumulate={optim.accumulate} equal micro-batches")
+        return BatchSplit(per_rank // optim.accumulate, optim.accumulate, gb)
+    k = next(k for k in range(1, per_rank + 1) if per_rank % k == 0 and per_rank // k <= data.batch_size)
+    return BatchSplit(per_rank // k, k, gb)
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}; tuples as lists (as the JSON a checkpoint holds)."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _global_batch(flat: dict[str, Any], world: int | None) -> int | None:
+    """The samples per optimizer step a flat config means on `world` ranks (None: not known)."""
+    if flat["data.global_batch"]:
+        return flat["data.global_batch"]
+    return None if world is None else flat["data.batch_size"] * world * flat["optim.accumulate"]
+
+
+def compare(old: dict, new: Config, world: int, old_world: int | None) -> tuple[list[str], list[str]]:
+    """(refused, logged): "key: old -> new" for each key that `new` changes in `old`, the nested
+    config dict a checkpoint saved on `old_world` ranks (None: unknown); a key added since takes
+    its default. By the key's resume policy: split keys pass while the global batch is kept (2 x 12
+    -> 1 x 24), rate keys while optim.lr / optim.lr_reference_batch is kept, recipe keys only if
+    new train.allow_changes names them. A world size that changes alone, without data.global_batch,
+    changes no key: the peak LR follows the linear rule and the trainer logs it."""
+    fields = key_fields()
+    a_all, b_all = {**flatten(to_dict(Config())), **flatten(old)}, flatten(to_dict(new))
+    gb = _global_batch(a_all, old_world), _global_batch(b_all, world)
+    rate = [c["optim.lr"] / c["optim.lr_reference_batch"] for c in (a_all, b_all)]
+    kept = {"free": True, "recipe": False, "split": gb[0] == gb[1], "rate": math.isclose(*rate, rel_tol=1e-12)}
+    allowed = new.train.allow_changes
+    refused, logged = [], []
+    for key in sorted(set(a_all) | set(b_all)):
+        a, b = a_all.get(key, "<absent>"), b_all.get(key, "<absent>")
+        if a == b:
+            continue
+        policy = fields[key].metadata.get("resume", "recipe") if key in fields else "recipe"  # a removed key
+        change = f"{key}: {a!r} -> {b!r}"
+        if kept[policy] or any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in allowed):
+            logged.append(change)
+        else:
+            refused.append(change + (f" (global batch {gb[0] or '?'} -> {gb[1]})"
+                                     if policy == "split" and (a, b) != gb else ""))
+    return refused, logged
+
+
+def check_resume(old: dict, new: Config, world: int, old_world: int | None, where: str) -> list[str]:
+    """Raise ConfigError (one line) on a refused change (`compare`); return the allowed ones for the log."""
+    refused, logged = compare(old, new, world, old_world)
+    if refused:
+        keys = ",".join(c.split(":", 1)[0] for c in refused)
+        raise ConfigError(f"resume from {where} would change the recipe: {'; '.join(refused)}; "
+                          f"start a new run (log.name=...) or allow it with train.allow_changes=[{keys}]")
+    return logged

@@ -22,13 +22,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_loaders, mix
 from train import config as config_lib
-from train import hardware, models, recipe, sync_batchnorm
+from train import ema as ema_lib
+from train import hardware, models, sync_batchnorm
 from train.callbacks import CheckpointCadence, StopOnSignal, StopSignal, WaitForStaging
-from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, Value, find_resume, load_value
+from train.checkpoint import (
+    Checkpointer,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    Value,
+    find_resume,
+    load_value,
+    saved_keys,
+)
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.loop import NonFiniteLoss, StopTraining, TrainState, TrainStep, evaluate, train_one_epoch
+from train.losses import build_criterion
 from train.monitor import Monitor, setup_logging
-from train.optim import build_criterion, build_ema, build_optimizer, build_scheduler
+from train.optim import build_optimizer, build_scheduler
 from train.summary import RunSummary
 
 log = logging.getLogger("resnet")
@@ -152,7 +163,7 @@ class Run:
         metrics = evaluate(self.bare, self.val_loader, self.eval_criterion, self.step.amp,
                            hflip_tta=self.cfg.train.eval_hflip)
         self.monitor.log_eval(self.state, metrics)
-        if "ema" in self.states:  # the weight EMA (train/optim.py), logged as val_ema/*
+        if "ema" in self.states:  # the weight EMA (train/ema.py), logged as val_ema/*
             ema = self.states["ema"].module
             sync_buffers(ema)
             ema_metrics = evaluate(ema, self.val_loader, self.eval_criterion, self.step.amp,
@@ -165,10 +176,10 @@ class Run:
 def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     """Model, loaders, optimizer, schedule, checkpointer and monitor; resumed if asked to."""
     run_dir = cfg.run_dir
-    split = recipe.split_batch(cfg.data, cfg.optim, info.world_size)  # ConfigError if it cannot split
+    split = config_lib.split_batch(cfg.data, cfg.optim, info.world_size)  # ConfigError if it cannot split
     resume_from = find_resume(cfg.train.resume, run_dir)
     if resume_from is not None:  # before anything is written: a refused recipe change leaves the run as it was
-        check_recipe(cfg, resume_from)
+        check_recipe(cfg, resume_from, info.world_size)
     if info.is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
     threads = set_threads(cfg, info)
@@ -190,7 +201,7 @@ def build_run(cfg: config_lib.Config, info: DistInfo) -> Run:
     states = {"model": ModelState(bare), "optim": OptimizerState(bare, step.optimizer), "scheduler": step.scheduler,
               "scaler": step.scaler, "train_state": state, "config": Value(config_lib.to_dict(cfg)),
               f"rng_rank{info.rank}": RNGState(info.world_size),
-              **({'ema': e} if (e := build_ema(cfg, bare, steps_per_epoch)) else {})}  # optimizer steps: the EMA warmup
+              **ema_lib.build(cfg, bare, steps_per_epoch)}  # optimizer steps: the EMA warmup
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, info)
     if resume_from is not None:
         resume(cfg, checkpointer, resume_from, states, epoch_samples=steps_per_epoch * global_batch)
@@ -229,14 +240,16 @@ def resume(cfg: config_lib.Config, checkpointer: Checkpointer, path: Path, state
              path, state.epoch + 1, state.step, state.sample_in_epoch)
 
 
-def check_recipe(cfg: config_lib.Config, path: Path) -> None:
+def check_recipe(cfg: config_lib.Config, path: Path, world: int) -> None:
     """Stop (ConfigError, one line) if the new config changes the checkpoint's recipe beyond
-    train.allow_changes; log the changes it may make (train/recipe.py)."""
+    train.allow_changes; log the changes it may make (config.check_resume). The checkpoint's world
+    size is its number of per-rank RNG states."""
     old = load_value(path, "config")
     if old is None:
         log.warning("%s holds no config: the recipe is not compared", path)
         return
-    changed = recipe.check_resume(old, config_lib.to_dict(cfg), config_lib.to_dict(config_lib.Config()), path.name)
+    old_world = len({k.split(".")[0] for k in saved_keys(path) if k.startswith("rng_rank")}) or None
+    changed = config_lib.check_resume(old, cfg, world, old_world, path.name)
     if changed:
         log.info("resume from %s changes: %s", path.name, "; ".join(changed))
 
