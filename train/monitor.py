@@ -1,6 +1,14 @@
-"""Monitoring as a loop callback: throughput and step time, stage norms, input and feature-map
-images, CUDA memory; it hands dicts to the TensorBoard logger (train/tb_logger.py) and the
-progress display (train/progress.py) and adds its figures to the run summary.
+"""Monitoring: what a person watching a run sees, and the summary it leaves.
+
+- `Monitor` measures throughput and step time, stage norms, input and feature-map images, CUDA
+  memory, and hands dicts to the three below (the pictures are drawn by train/tb_visuals.py).
+- `TensorBoardLogger` logs whatever dict of scalars it is given, tag = key (torchtitan's
+  `BaseLogger.log(metrics, step)`): nothing lists tags. On other ranks, or with
+  `log.tensorboard: false`, every call is a no-op, so callers never test the rank.
+- `Progress`: a tqdm bar on a terminal, plain log lines elsewhere (CI and SLURM log files hold no
+  carriage returns or escape sequences), nothing on other ranks.
+- `RunSummary`: the run's result, a dict the trainer fills, written to `<run>/summary.json` and
+  printed as a table by rank 0 at the end.
 
 Only rank 0 writes. The loss and accuracy it gets were reduced across ranks by the loop at the
 logging interval (its one host sync); everything else it reads is either the same on all ranks
@@ -20,19 +28,21 @@ end hparams/top1, hparams/top5, hparams/best_top1 with the HPARAMS session.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import logging
 import math
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from train import tb_visuals as vis
 from train.loop import Callback, TrainState
-from train.progress import Progress
-from train.summary import RunSummary, exact_command
-from train.tb_logger import TensorBoardLogger
 
 log = logging.getLogger("resnet")
 
@@ -41,6 +51,149 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
+
+
+# -- the progress display ---------------------------------------------------------------------------
+
+def hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class Progress:
+    def __init__(self, mode: str, *, enabled: bool, epochs: int, steps_per_epoch: int):
+        """`mode`: auto (bar on a terminal, lines otherwise) | bar | lines | off."""
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() and os.environ.get("TERM") != "dumb" else "lines"
+        self.mode = mode if enabled else "off"
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.bar = self._redirect = None  # log lines go through tqdm.write while a bar is drawn
+
+    def start_epoch(self, epoch: int, done_steps: int) -> None:
+        if self.mode != "bar":
+            return
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self.bar = tqdm(total=self.steps_per_epoch, initial=done_steps, file=sys.stdout, unit="step",
+                        desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True, leave=False)
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+
+    def update(self, epoch: int, step_in_epoch: int, m: dict[str, float]) -> None:
+        """`m`: loss, top1, lr, images_per_s, data_wait (fraction or nan), eta_s."""
+        if self.bar is not None:
+            self.bar.n = step_in_epoch
+            self.bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{m['images_per_s']:.0f}", eta=hms(m["eta_s"]),
+                                 refresh=True)
+        elif self.mode == "lines":
+            wait = f"  data {100 * m['data_wait']:.0f}%" if math.isfinite(m["data_wait"]) else ""
+            log.info("epoch %d/%d step %d/%d  loss %.4f  top1 %.2f  lr %.4g  %.0f img/s%s  eta %s",
+                     epoch + 1, self.epochs, step_in_epoch, self.steps_per_epoch, m["loss"], m["top1"], m["lr"],
+                     m["images_per_s"], wait, hms(m["eta_s"]))
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+# -- TensorBoard (rank 0) ---------------------------------------------------------------------------
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: Path, *, enabled: bool):
+        self.log_dir, self.writer = Path(log_dir), None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """One scalar per entry, tag = key (e.g. "train/loss")."""
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, value: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, value, 0)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> str | None:
+        """The model graph; returns why it was skipped, or None."""
+        return vis.add_graph(self.writer, model, example) if self.writer is not None else "tensorboard is off"
+
+    def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            vis.add_hparams(self.writer, hparams, metrics, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# -- the run summary --------------------------------------------------------------------------------
+
+def exact_command() -> str:
+    """The command line that started this run, shell-quoted: torchrun's own when launched by it
+    (read from the parent process on Linux), otherwise `python <argv>`."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        with contextlib.suppress(OSError):
+            parts = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+            parts = [p.decode(errors="replace") for p in parts if p]
+            if parts:
+                return shlex.join(parts)
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+class RunSummary(dict):
+    def __init__(self, run_dir: Path, *, is_main: bool):
+        super().__init__(command=exact_command())
+        self.run_dir, self.is_main = Path(run_dir), is_main
+
+    def write(self) -> None:
+        if not self.is_main:
+            return
+        (self.run_dir / "summary.json").write_text(json.dumps(self, indent=1))
+        print(self.table())
+
+    def table(self) -> str:
+        s: dict[str, Any] = self
+        world = s.get("world_size", 1)
+        rows = [("top-1 final / best", f"{s['final_top1']:.2f} / {s['best_top1']:.2f} %"),
+                ("top-5 final / best", f"{s['final_top5']:.2f} / {s.get('best_top5', s['final_top5']):.2f} %"),
+                *([("top-1 EMA final", f"{s['final_ema_top1']:.2f} %")] if "final_ema_top1" in s else []),
+                ("epochs", f"{s['epochs']} ({s.get('steps', 0)} steps)"),
+                ("wall time", hms(s["wall_time_s"])),
+                ("train img/s", f"{s['train_images_per_s']:.0f} ({s['train_images_per_s'] / world:.0f}"
+                                f" per rank x {world})")]
+        if "peak_memory_gib" in s:
+            rows.append(("peak memory", f"{s['peak_memory_gib']:.2f} GiB"))
+        rows += [("summary", str(self.run_dir / "summary.json")), ("command", s["command"])]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        if "tensorboard" in s:
+            lines.append(f"tensorboard --logdir {s['tensorboard']}")
+        return "\n".join(lines)
+
+
+# -- the monitor ------------------------------------------------------------------------------------
 
 
 def scale_tensor(scaler) -> torch.Tensor | None:

@@ -38,9 +38,8 @@ from train.checkpoint import (
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.loop import NonFiniteLoss, StopTraining, TrainState, TrainStep, evaluate, train_one_epoch
 from train.losses import build_criterion
-from train.monitor import Monitor, setup_logging
+from train.monitor import Monitor, RunSummary, setup_logging
 from train.optim import build_optimizer, build_scheduler
-from train.summary import RunSummary
 
 log = logging.getLogger("resnet")
 REQUEUE_EXIT_CODE = 3  # "saved on a signal; start me again" (slurm/ and torchrun restarts use it)
