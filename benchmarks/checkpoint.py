@@ -29,7 +29,7 @@ from train.config import (
 )
 from train.distributed import DistInfo  # noqa: E402
 from train.hardware import machine_header  # noqa: E402
-from train.loop import TrainState  # noqa: E402
+from train.trainer import TrainState  # noqa: E402
 from train.models import build  # noqa: E402
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.train_step import arguments, monitor, setup, trainer  # noqa: E402
-from train.callbacks import StopOnSignal, StopSignal  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.hardware import machine_header  # noqa: E402
 
@@ -26,19 +25,18 @@ from train.hardware import machine_header  # noqa: E402
 def main() -> None:
     args = arguments(__doc__, steps=100).parse_args()
     cfg = Config()  # default log intervals: what a user gets
-    b = setup(args, cfg)
-    device = b.device
-    print(machine_header(device))
-    stop = StopOnSignal(StopSignal(), every=cfg.log.every, device=device)
     with tempfile.TemporaryDirectory() as tmp:
+        b = setup(args, cfg, Path(tmp))
+        device = b.device
+        print(machine_header(device))
         on = monitor(cfg, args, b.info, Path(tmp))
-        on.watch(b.bare, None, b.step.scaler)
+        on.watch(b.bare, None, b.run.scaler)
         off = monitor(cfg, args, b.info, Path(tmp) / "off", tensorboard=False)
-        callbacks = {"on": [on, stop], "off": [off, stop]}
+        monitors = {"on": on, "off": off}
         times: dict[str, list[float]] = {"on": [], "off": []}
         for r in range(args.repeats + 1):  # the first round warms both paths up
             for name in ("off", "on"):
-                t = trainer(b.step, b.loader, callbacks[name], device, cfg.log.every)
+                t = trainer(b.run, monitors[name])
                 if r:
                     times[name].append(t)
         on.close()

@@ -1,5 +1,5 @@
-"""Trainer overhead: images/s of train_one_epoch (hooks, metrics, schedule, monitor) against a bare
-forward/backward/step loop on the same model, batch and synthetic data, measured side by side.
+"""Trainer overhead: images/s of train/trainer.py `train_epoch` (metrics, schedule, monitor, checkpoint
+cadence) against a bare forward/backward/step loop on the same model, batch and synthetic data, measured side by side.
 
     python benchmarks/train_step.py                      # CPU: small ResNet, 32x32
     python benchmarks/train_step.py --model resnet50 --batch 256 --size 224 --amp fp16   # GPU
@@ -25,14 +25,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.synthetic import SyntheticLoader  # noqa: E402
-from train.callbacks import StopOnSignal, StopSignal  # noqa: E402
+from train.checkpoint import Checkpointer  # noqa: E402
 from train.config import Config  # noqa: E402
 from train.distributed import DistInfo  # noqa: E402
 from train.hardware import machine_header  # noqa: E402
-from train.loop import TrainState, TrainStep, autocast, train_one_epoch  # noqa: E402
 from train.monitor import Monitor  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.trainer import build_model  # noqa: E402
+from train.trainer import Plan, Run, StopSignal, TrainState, autocast, build_model, train_epoch  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -53,12 +52,13 @@ def bare(model, loader, optimizer, criterion, device, amp) -> float:
     return time.perf_counter() - t0
 
 
-def trainer(step: TrainStep, loader, callbacks, device, log_every: int) -> float:
-    sync(device)
+def trainer(run: Run, mon: Monitor) -> float:
+    """One epoch of the trainer's own step loop with the monitor `mon`."""
+    sync(run.info.device)
     t0 = time.perf_counter()
-    train_one_epoch(step, loader, TrainState(), global_batch=loader.global_batch, log_every=log_every,
-                    callbacks=callbacks)
-    sync(device)
+    run.state, run.monitor = TrainState(), mon
+    train_epoch(run)
+    sync(run.info.device)
     return time.perf_counter() - t0
 
 
@@ -75,21 +75,25 @@ def arguments(doc: str, steps: int) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args, cfg: Config) -> SimpleNamespace:
-    """Model (DDP-free, 1 rank), synthetic loader, optimizer, schedule, scaler, loss for `args`."""
+def setup(args, cfg: Config, tmp: Path) -> SimpleNamespace:
+    """Model (DDP-free, 1 rank), synthetic loader, optimizer, schedule, scaler, loss for `args`, and
+    the trainer's Run around them (monitor set per call of `trainer`; checkpoints never due)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     cfg.model.name, cfg.model.stem = args.model, args.stem
     info = DistInfo(0, 1, 0, device)
     model, bare_model = build_model(cfg, 10, info)
     optimizer = build_optimizer(cfg.optim, model, args.batch)
-    step = TrainStep(model=model, optimizer=optimizer,
-                     scheduler=build_scheduler(cfg.schedule, optimizer, args.steps, 1000),
-                     scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-                     criterion=nn.CrossEntropyLoss(), amp=args.amp)
-    return SimpleNamespace(
-        device=device, info=info, model=model, bare=bare_model, optimizer=optimizer, step=step,
-        loader=SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0))
+    loader = SyntheticLoader(args.batch * args.steps, args.batch, 1, args.size, 10, device, True, 0)
+    run = Run(cfg=cfg, info=info, plan=Plan(micro_batch=args.batch, accumulate=1, global_batch=args.batch,
+                                            steps_per_epoch=args.steps, amp=args.amp, threads=torch.get_num_threads()),
+              model=model, bare=bare_model, optimizer=optimizer,
+              scheduler=build_scheduler(cfg.schedule, optimizer, args.steps, 1000, args.batch),
+              scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), criterion=nn.CrossEntropyLoss(),
+              ema=None, train_loader=loader, val_loader=None, checkpointer=Checkpointer(cfg.checkpoint, tmp, info),
+              monitor=None, stop=StopSignal())
+    return SimpleNamespace(device=device, info=info, model=model, bare=bare_model, optimizer=optimizer, run=run,
+                           loader=loader)
 
 
 def monitor(cfg: Config, args, info, tmp: Path, tensorboard: bool = True) -> Monitor:
@@ -105,17 +109,17 @@ def main() -> None:
     args = p.parse_args()
     cfg = Config()
     cfg.log.every = args.log_every
-    b = setup(args, cfg)
-    print(machine_header(b.device))
     with tempfile.TemporaryDirectory() as tmp:
+        b = setup(args, cfg, Path(tmp))
+        print(machine_header(b.device))
         mon = monitor(cfg, args, b.info, Path(tmp))
-        callbacks = [mon, StopOnSignal(StopSignal(), every=args.log_every, device=b.device)]
-        bare(b.model, b.loader, b.optimizer, b.step.criterion, b.device, args.amp)  # warm-up both paths
-        trainer(b.step, b.loader, callbacks, b.device, args.log_every)
+        criterion = b.run.criterion
+        bare(b.model, b.loader, b.optimizer, criterion, b.device, args.amp)  # warm-up both paths
+        trainer(b.run, mon)
         t_bare, t_trainer = [], []
         for _ in range(args.repeats):
-            t_bare.append(bare(b.model, b.loader, b.optimizer, b.step.criterion, b.device, args.amp))
-            t_trainer.append(trainer(b.step, b.loader, callbacks, b.device, args.log_every))
+            t_bare.append(bare(b.model, b.loader, b.optimizer, criterion, b.device, args.amp))
+            t_trainer.append(trainer(b.run, mon))
         mon.close()
     n = args.batch * args.steps
     ips_bare, ips_trainer = n / statistics.median(t_bare), n / statistics.median(t_trainer)

@@ -29,11 +29,14 @@ def _impl(cfg, info: RankInfo):
     return impl, cfg
 
 
-def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[TrainLoader, ValLoader, list[str]]:
+def build_loaders(cfg, info: RankInfo, *, seed: int, channels_last: bool, batch: int | None = None
+                  ) -> tuple[TrainLoader, ValLoader, list[str]]:
     """(train, val, class names) for `cfg.loader` in torch | dali | synthetic, sharded for `info.rank`;
-    with `cfg.stage_dir`, read from a node-local copy of `cfg.root` (data/stage.py)."""
+    with `cfg.stage_dir`, read from a node-local copy of `cfg.root` (data/stage.py). `batch`: the
+    train micro-batch per rank (default `data.batch_size`), which the trainer derives from `data.global_batch` or
+    `data.batch_size` (train/recipe.py `split_batch`)."""
     impl, cfg = _impl(cfg, info)
-    return impl.build(cfg, info, seed=seed, channels_last=channels_last)
+    return impl.build(cfg, info, batch=batch, seed=seed, channels_last=channels_last)
 
 
 def build_val_loader(cfg, info: RankInfo, *, seed: int, channels_last: bool) -> tuple[ValLoader, list[str]]:

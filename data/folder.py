@@ -124,10 +124,10 @@ def open_val(cfg) -> Split:
     return scan(Path(cfg.root) / "val", cfg.classes)
 
 
-def train_sampler(cfg, train: Split, info: RankInfo, seed: int) -> GlobalBatchSampler:
+def train_sampler(cfg, train: Split, info: RankInfo, seed: int, batch: int) -> GlobalBatchSampler:
     """This rank's part of the one global training order (its validation share is
     `data.sampler.val_range`: disjoint and contiguous, every image counted exactly once)."""
-    return GlobalBatchSampler(len(train), cfg.batch_size, info.rank, info.world_size, seed, repeats=cfg.repeated_aug)
+    return GlobalBatchSampler(len(train), batch, info.rank, info.world_size, seed, repeats=cfg.repeated_aug)
 
 
 def val_batch_size(cfg) -> int:

@@ -60,7 +60,9 @@ class Mixer:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, batch: int, rank: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, epoch, batch, rank])
-        targets = torch.nn.functional.one_hot(labels.long(), self.num_classes).float()
+        # one_hot's values by scatter: F.one_hot reads the labels' min back to the host off CUDA
+        targets = images.new_zeros(labels.shape[0], self.num_classes, dtype=torch.float32)
+        targets.scatter_(1, labels.long()[:, None], 1.0)
         apply, switch = rng.random(2)
         if apply >= self.prob:
             return images, targets

@@ -41,9 +41,10 @@ class SyntheticLoader:
             yield self.images, self.labels
 
 
-def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
+def build(cfg, info: RankInfo, *, seed: int, channels_last: bool, batch: int | None = None):
     """With a `data.root`, the real dataset's size and classes (the same model, epoch length and
     schedule as the real run: only the pixels differ); without one, ImageNet's."""
+    batch = batch or cfg.batch_size  # the train micro-batch (the trainer's split of the global batch)
     if cfg.root and folder.has_split(Path(cfg.root) / "train"):
         split = folder.scan(Path(cfg.root) / "train", cfg.classes)
         classes, num_train = split.classes, len(split)
@@ -52,8 +53,8 @@ def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
         num_train = cfg.synthetic_samples
     num_classes = cfg.num_classes or len(classes)
     world, device = info.world_size, info.device
-    train = SyntheticLoader(num_train, cfg.batch_size, world, cfg.train_crop, num_classes, device, channels_last,
-                            seed + info.rank, steps=steps_per_epoch(num_train, cfg.batch_size, world, cfg.repeated_aug))
+    train = SyntheticLoader(num_train, batch, world, cfg.train_crop, num_classes, device, channels_last,
+                            seed + info.rank, steps=steps_per_epoch(num_train, batch, world, cfg.repeated_aug))
     vb = folder.val_batch_size(cfg)
     val = SyntheticLoader(vb * world, vb, world, cfg.val_crop, num_classes, device, channels_last,
                           seed + info.rank, steps=1)

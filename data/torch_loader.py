@@ -155,13 +155,14 @@ def _common(cfg, info: RankInfo, channels_last: bool) -> tuple[dict, dict]:
             dict(device=info.device, mean=mean, std=std, channels_last=channels_last))
 
 
-def build(cfg, info: RankInfo, *, seed: int, channels_last: bool):
+def build(cfg, info: RankInfo, *, seed: int, channels_last: bool, batch: int | None = None):
     """(train loader, val loader, class names) for `cfg.root`, already sharded for this rank."""
+    batch = batch or cfg.batch_size  # the train micro-batch (the trainer's split of the global batch)
     train_split, val_split = folder.open_splits(cfg)
-    sampler = folder.train_sampler(cfg, train_split, info, seed)
+    sampler = folder.train_sampler(cfg, train_split, info, seed, batch)
     common, kw = _common(cfg, info, channels_last)
     train = DataLoader(ImageFolderDataset(train_split, functools.partial(train_transform, cfg), cfg.random_erasing),
-                       batch_size=cfg.batch_size, sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)),
+                       batch_size=batch, sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)),
                        drop_last=True, prefetch_factor=4 if cfg.workers else None, **common)
     return (TorchTrainLoader(sampler, loader=train, **kw), _val(cfg, val_split, info, seed, common, kw),
             train_split.classes)

@@ -41,7 +41,7 @@ Preemption / time limit, and who does what (submitit 1.5):
     SIGUSR2 -> its `checkpoint_and_try_requeue` (rank 0: call our checkpoint(), dump the pickle,
     `scontrol requeue`, then sys.exit(-1) from inside the handler; other ranks: nothing), and
     SIGTERM/SIGCONT -> "bypass" (log and ignore).
-  * The trainer (train/callbacks.py StopSignal) binds SIGUSR1 and SIGTERM -> "stop at the next logging
+  * The trainer (train/trainer.py StopSignal) binds SIGUSR1 and SIGTERM -> "stop at the next logging
     step on all ranks, save a checkpoint, exit with code 3".
   * If submitit's USR2 handler ran as is, rank 0 would requeue and exit in the middle of a step,
     with nothing saved since the last periodic checkpoint. So `__call__` takes SIGUSR2 over:

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, UnsafeCheckpoint, Value, load_tensors
 from train.config import CheckpointConfig
 from train.distributed import DistInfo
-from train.loop import TrainState
+from train.trainer import TrainState
 
 INFO = DistInfo(0, 1, 0, torch.device("cpu"))
 

@@ -264,3 +264,58 @@ def test_gpu_graph_is_valid_without_a_gpu():
         with pytest.raises(dali.DataError, match="dali_device"):
             dali.use_gpu("gpu", CPU)
     assert not dali.use_gpu("auto", CPU) and not dali.use_gpu("cpu", CPU)
+
+
+def test_pipeline_built_once_over_epochs_with_accumulation(tmp_path, tiny_data, monkeypatch):
+    """With optim.accumulate=2 the epoch's trailing micro-batches cannot fill a step; the loop
+    drains them instead of leaving the DALI generator half way, so the pipeline (decoder buffers,
+    prefetch) is built once for 3 epochs, not once per epoch."""
+    from train.main import main
+
+    builds = []
+    real = dali.DaliLoader._rebuild
+
+    def counted(self, position):
+        builds.append((self.train, position))
+        return real(self, position)
+    monkeypatch.setattr(dali.DaliLoader, "_rebuild", counted)
+    # 64 images / 8 per micro-batch = 8 micro-batches; 7 with data.batch_size 9 -> 3 steps + 1 drained
+    for batch, drained in ((8, 0), (9, 1)):
+        builds.clear()
+        summary = main(["--config", str(write_config(tmp_path, tiny_data)), "data.loader=dali", "data.dali_device=cpu",
+                        "data.workers=1", f"data.batch_size={batch}", "optim.accumulate=2", "train.epochs=3",
+                        f"log.name=acc{batch}", "train.eval_every=3"])
+        assert summary["steps"] == 3 * (64 // batch // 2)
+        assert [p for train, p in builds if train] == [(0, 0)], (batch, drained)
+
+
+def test_keepalive_holds_batches_until_the_stream_passed_them():
+    """DALI's dynamic executor hands out views of its own buffers; a batch stays referenced until
+    an event recorded after it was handed on has completed (fake events: no GPU here)."""
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def record(self):
+            pass
+
+        def query(self):
+            return self.done
+
+    events = []
+
+    def make():
+        events.append(Event())
+        return events[-1]
+    keep = dali.KeepAlive(torch.device("cuda", 0), event=make)
+    batches = [object() for _ in range(4)]
+    for b in batches:
+        keep.hold(b)
+    assert keep.last is batches[3] and [o for _, o in keep.held] == batches[:3]  # none completed yet
+    events[0].done = events[1].done = True
+    keep.hold(batch := object())
+    assert [o for _, o in keep.held] == batches[2:]  # the first two released, in order, never waited on
+    assert keep.last is batch
+    cpu = dali.KeepAlive(CPU)
+    cpu.hold(object())
+    assert cpu.last is None and not cpu.held  # the CPU pipeline's outputs are torch's own copies

@@ -11,7 +11,6 @@ from torch import nn
 from tests.conftest import run_trainer, write_config
 from train import evaluate, export
 from train.optim import EMA, torchvision_decay_per_step
-from train.loop import TrainState
 
 
 def test_ema_every_k_steps_equals_decay_to_the_k_and_averages_bn_buffers():
@@ -24,7 +23,7 @@ def test_ema_every_k_steps_equals_decay_to_the_k_and_averages_bn_buffers():
         with torch.no_grad():
             model[0].weight.add_(torch.randn_like(model[0].weight))
             model(torch.randn(8, 3))  # train mode: BN running stats move
-        ema.after_step(TrainState(step=step))
+        ema.after_step(step)
         if step % 2 == 0:
             for k, v in model.state_dict().items():
                 if v.is_floating_point():
@@ -42,12 +41,12 @@ def test_ema_is_a_copy_during_warmup():
     for step in (1, 2):
         with torch.no_grad():
             model.weight.add_(1.0)
-        ema.after_step(TrainState(step=step))
+        ema.after_step(step)
         assert torch.equal(ema.module.weight, model.weight)
     for step in (3, 4):  # after warmup: one more copy (n_averaged was 0), then the first average
         with torch.no_grad():
             model.weight.add_(1.0)
-        ema.after_step(TrainState(step=step))
+        ema.after_step(step)
     torch.testing.assert_close(ema.module.weight, model.weight - 0.5)
 
 

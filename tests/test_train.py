@@ -41,7 +41,7 @@ def _evaluate(rank, world, root):
     from data import torch_loader
     from train.config import DataConfig, ModelConfig
     from train.distributed import DistInfo
-    from train.loop import evaluate
+    from train.trainer import evaluate
     from train.models import build
 
     torch.manual_seed(0)

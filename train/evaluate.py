@@ -29,7 +29,7 @@ from train import config as config_lib  # noqa: E402
 from train import distributed, hardware, models  # noqa: E402
 from train.checkpoint import complete  # noqa: E402
 from train.export import checkpoint_dir, model_state_dict  # noqa: E402
-from train.loop import evaluate  # noqa: E402
+from train.trainer import evaluate  # noqa: E402
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:

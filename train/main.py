@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     from train.checkpoint import UnsafeCheckpoint
-    from train.loop import NonFiniteLoss
-    from train.trainer import fit
+    from train.trainer import NonFiniteLoss, fit
 
     try:
         with distributed.process_group(cfg.dist) as info:

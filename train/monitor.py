@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from train import tb_visuals as vis
-from train.loop import Callback, TrainState
 
 log = logging.getLogger("resnet")
 
@@ -202,7 +201,7 @@ def scale_tensor(scaler) -> torch.Tensor | None:
     return getattr(scaler, "_scale", None) if scaler is not None else None
 
 
-class Monitor(Callback):
+class Monitor:
     def __init__(self, cfg, *, run_dir: Path, info, data, epochs: int, steps_per_epoch: int,
                  global_batch: int, max_steps: int = 0):
         """`cfg`: the `log` section; `data`: the `data` section (mean/std to show the inputs)."""
@@ -221,6 +220,7 @@ class Monitor(Callback):
         self._pending_norms: list[tuple[int, torch.Tensor]] = []
         self.probe: torch.Tensor | None = None  # the fixed validation image for feature maps
         self._inputs_logged = self._probe_logged = False
+        self._inputs: tuple[int, torch.Tensor] | None = None  # the first batch, drawn at the first flush
         self.tb.text("command", f"`{exact_command()}`")
 
     def watch(self, model: torch.nn.Module, val_loader=None, scaler=None) -> None:
@@ -249,7 +249,7 @@ class Monitor(Callback):
 
     # -- per epoch ------------------------------------------------------------------------------
 
-    def start_epoch(self, state: TrainState) -> None:
+    def start_epoch(self, state) -> None:
         self._mark = (time.perf_counter(), state.step)
         if self._run_mark is None:
             self._run_mark = self._mark
@@ -262,7 +262,7 @@ class Monitor(Callback):
         t0, s0 = self._run_mark
         return (time.perf_counter() - t0) / (step - s0) * max(self.total_steps - step, 0)
 
-    def end_epoch(self, state: TrainState, epoch_time: float) -> None:
+    def end_epoch(self, state, epoch_time: float) -> None:
         self.progress.end_epoch()
         self.tb.log({"time/epoch_s": epoch_time, "time/eta_s": self.eta(state.step)}, state.step)
         if self.tb.enabled and self.cfg.histograms and self.model is not None:
@@ -271,21 +271,22 @@ class Monitor(Callback):
                 if p.grad is not None:
                     self.tb.histogram(f"grads/{name}", p.grad, state.step)
 
-    # -- the loop's callbacks (every rank) ----------------------------------------------------------
+    # -- called by the step loop (every rank) ----------------------------------------------------------
 
-    def on_batch(self, state: TrainState, images: torch.Tensor) -> None:
-        """The augmented input grid, once."""
+    def log_inputs(self, state, images: torch.Tensor) -> None:
+        """Keep the first augmented batch on the device; it is drawn at the first flush (a grid
+        on the host here would wait for the device in the step)."""
         if not self._inputs_logged and self.tb.enabled and self.cfg.images:
             self._inputs_logged = True
-            self.tb.image("train/inputs", vis.input_grid(images, self.mean, self.std), state.step)
+            self._inputs = (state.step, images[:vis.GRID_IMAGES].detach().clone())
 
-    def after_backward(self, state: TrainState) -> None:
+    def grad_norms(self, state) -> None:
         """Per-stage gradient and weight norms on the device every `grad_norm_every` steps; they
         are read at the next logging point."""
         if self.norms is not None and (state.step + 1) % self.cfg.grad_norm_every == 0:
             self._pending_norms.append((state.step + 1, self.norms.compute(scale_tensor(self.scaler))))
 
-    def on_metrics(self, state: TrainState, metrics: dict[str, float]) -> None:
+    def log_train(self, state, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
         now, (t0, s0) = time.perf_counter(), self._mark
@@ -307,6 +308,9 @@ class Monitor(Callback):
             self.peak_memory_gib = max(self.peak_memory_gib, peak)
             scalars["train/peak_memory_gib"] = peak
         self.tb.log(scalars, state.step)
+        if self._inputs is not None:
+            self.tb.image("train/inputs", vis.input_grid(self._inputs[1], self.mean, self.std), self._inputs[0])
+            self._inputs = None
         self._write_norms()
         self.progress.update(state.epoch, state.step - state.epoch * self.steps_per_epoch,
                              {**metrics, **speed, "eta_s": self.eta(state.step)})
@@ -322,7 +326,7 @@ class Monitor(Callback):
 
     # -- evaluation and the end -------------------------------------------------------------------
 
-    def log_eval(self, state: TrainState, metrics: dict[str, float], prefix: str = "val") -> None:
+    def log_eval(self, state, metrics: dict[str, float], prefix: str = "val") -> None:
         if not self.is_main:
             return
         self.tb.log({f"{prefix}/{k}": metrics[k] for k in ("loss", "top1", "top5")}, state.step)
