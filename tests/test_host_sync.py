@@ -229,3 +229,16 @@ def test_ema_update_has_no_device_copy_or_readback():
 def test_plain_step_loop_has_no_host_sync(tmp_path, tiny_data, overrides):
     hits, _ = guarded_epoch(tmp_path, tiny_data, GUARDED + overrides)
     assert hits == [], hits[:3]
+
+
+def test_tf32_is_set_through_the_api_inductor_reads():
+    """hardware.allow_tf32 (CUDA runs) sets fp32 matmuls and convolutions to TF32 through the
+    `fp32_precision` API; torch.compile's inductor reads that one (compile_fx, utils)."""
+    from train import hardware
+
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        hardware.allow_tf32()
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv

@@ -174,9 +174,15 @@ def choose_amp(requested: str, device: torch.device, *, measure: Callable[[], di
 
 def allow_tf32() -> None:
     """fp32 matmuls and convolutions on TF32 tensor cores (Ampere+): ~10 bits of mantissa,
-    the precision DLE and torchvision's references train with."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    the precision DLE and torchvision's references train with. Set through the `fp32_precision`
+    API that torch 2.9+ and inductor read: after it, reading the legacy `allow_tf32` raises
+    ("mix of the legacy and new APIs"), and setting the legacy flags is deprecated."""
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 # -- threads --------------------------------------------------------------------------------------
