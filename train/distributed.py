@@ -12,6 +12,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,11 +83,58 @@ def restart_safe_store(rank: int, world: int, timeout: datetime.timedelta) -> di
     return dist.PrefixStore(f"resnet/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init(cfg: DistConfig) -> DistInfo:
+def heartbeat_store(timeout_s: float) -> tuple[dist.Store, str]:
+    """A second client of the rendezvous store for the watchdog thread (train/watchdog.py), with
+    a short timeout so that a silent store never blocks it for `dist.timeout_s`, and keys private
+    to this torchrun restart round. Returns it and who serves the store: torchrun's agent (it
+    outlives the workers), or rank 0's process (srun and Submitit launches)."""
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return (dist.PrefixStore(f"resnet/round_{round_}/watchdog", store),
+            f"torchrun's agent at {addr}:{port}" if agent_serves else "rank 0")
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The default group's timeout for the collectives issued from now on, NCCL and gloo alike
+    (torchtitan's `set_pg_timeouts`). Local: each rank sets its own. torchtitan puts a barrier
+    before it, so that no rank waits under the short timeout for a peer still starting up; the
+    watchdog calls it once this rank has finished its second step, whose gradient all-reduce
+    every rank has then joined, so the start-up of every rank is over."""
+    dist.set_timeout(datetime.timedelta(seconds=seconds))
+
+
+# NCCL's flight recorder (the last collectives of each rank, with their state) and its dump when
+# a collective times out, into <run>/hang/nccl_trace_rank_<rank>; names as read by torch 2.14
+# (libtorch: TORCH_FR_* first, the TORCH_NCCL_* names they replace second). Asynchronous error
+# handling 3 (tear down without ncclCommAbort) lets the dump finish: torchtitan sets it for the
+# same reason; torchrun's default 1 aborts first.
+NCCL_DEBUG_ALIASES = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
+                      "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
+
+
+def nccl_debug_env(backend: str, run_dir: Path | None, environ=None) -> dict[str, str]:
+    """The variables to set before an NCCL process group starts; a value the user set (under
+    either name) wins, except torchrun's own TORCH_NCCL_ASYNC_ERROR_HANDLING=1. Nothing for gloo."""
+    if backend != "nccl" or run_dir is None:
+        return {}
+    environ = os.environ if environ is None else environ
+    want = {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir) / "hang" / "nccl_trace_rank_"),
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    user = {k for k in want if k in environ or NCCL_DEBUG_ALIASES.get(k, k) in environ}
+    if environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "1" and "TORCHELASTIC_RUN_ID" in environ:
+        user.discard("TORCH_NCCL_ASYNC_ERROR_HANDLING")  # torchrun's default, not the user's
+    return {k: v for k, v in want.items() if k not in user}
+
+
+def init(cfg: DistConfig, run_dir: Path | None = None) -> DistInfo:
     """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
 
     Takes the `dist` section whole, so a new setting (a second backend, a mesh shape) reaches
-    here without touching every caller.
+    here without touching every caller. `run_dir`: where NCCL dumps its flight recorder.
     """
     env_from_slurm()
     device, backend = cfg.device, cfg.backend
@@ -105,6 +153,9 @@ def init(cfg: DistConfig) -> DistInfo:
         dev = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
+    if debug_env := nccl_debug_env(backend, run_dir):
+        (Path(run_dir) / "hang").mkdir(parents=True, exist_ok=True)
+        os.environ.update(debug_env)
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(backend, timeout=timeout, device_id=dev if use_cuda else None,
@@ -119,13 +170,13 @@ def destroy() -> None:
 
 
 @contextlib.contextmanager
-def process_group(cfg: DistConfig):
+def process_group(cfg: DistConfig, run_dir: Path | None = None):
     """Init on entry; destroy on any exit, without a barrier.
 
     A failing rank exits at once with its traceback; torchrun (or srun's --kill-on-bad-exit)
     then stops its peers instead of leaving them blocked in a collective until the timeout.
     """
-    info = init(cfg)
+    info = init(cfg, run_dir)
     try:
         yield info
     finally:

@@ -1,0 +1,288 @@
+"""Hangs and stragglers (train/watchdog.py, docs/reliability.md "Hangs and stragglers").
+
+  * A rank stopped with SIGSTOP under `torchrun --max-restarts=1` (2 gloo ranks): the other rank
+    names it and its host in one line within dist.hang_timeout_s + 10 s of the stop, writes its
+    stacks and every rank's last step to <run>/hang/, exits 75; torchrun restarts the round, which
+    resumes from the newest checkpoint and ends with the weights of an uninterrupted run, bit for
+    bit. The uninterrupted run logs each rank's busy time per step to TensorBoard.
+  * The decisions as pure functions with injected heartbeats and timings: who is stalled, the
+    line, who is a straggler; BusyTimer counts data wait and forward, not the all-reduce wait.
+  * NCCL's flight-recorder variables are set for nccl (the user's values win), never for gloo.
+
+    .venv/bin/python -m pytest -q tests/test_hang.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, make_image_folder, write_config
+from train import config as config_lib
+from train import distributed
+from train.checkpoint import complete
+from train.export import model_state_dict
+from train.watchdog import (
+    HANG_EXIT_CODE,
+    Beat,
+    BusyTimer,
+    StragglerDetector,
+    hang_message,
+    stalled_ranks,
+    stragglers,
+)
+
+# -- who is stalled ---------------------------------------------------------------------------------
+
+
+def beat(step: int, t: float, host: str = "h", done: bool = False) -> Beat:
+    return Beat(step=step, time=t, host=host, pid=100, where="train/trainer.py:1 train_epoch", done=done)
+
+
+def test_a_stale_heartbeat_names_that_rank():
+    beats = {0: beat(12, 100.0, "a"), 1: beat(12, 85.0, "b"), 2: beat(12, 99.5, "c")}
+    assert stalled_ranks(beats, now=100.5, timeout=10) == ([1], "stale")
+    assert stalled_ranks(beats, now=94.0, timeout=10) == ([], "")  # 9 s: not yet
+
+
+def test_alive_ranks_behind_the_others_are_named():
+    beats = {0: beat(13, 100.0), 1: beat(12, 100.0), 2: beat(13, 100.0)}
+    assert stalled_ranks(beats, now=100.5, timeout=10) == ([1], "behind")
+
+
+def test_all_alive_at_one_step_is_left_to_the_collective_timeout():
+    beats = {0: beat(12, 100.0), 1: beat(12, 99.0)}
+    assert stalled_ranks(beats, now=100.5, timeout=10) == ([], "")
+
+
+def test_ranks_that_left_training_are_not_stalled_and_a_missing_heartbeat_is():
+    beats = {0: beat(12, 100.0), 1: beat(16, 50.0, done=True), 2: None}
+    assert stalled_ranks(beats, now=100.5, timeout=10) == ([2], "stale")
+
+
+def test_the_hang_line_names_rank_host_and_step():
+    beats = {0: beat(12, 100.0, "node-a"), 1: beat(11, 88.0, "node-b")}
+    line = hang_message([1], "stale", beats, now=100.0, timeout=10, hang_dir=Path("runs/x/hang"))
+    assert "\n" not in line
+    assert line == ("hang: rank 1 on node-b (pid 100) sent no heartbeat for 12 s (dist.hang_timeout_s=10), the last "
+                    "at step 11 in train/trainer.py:1 train_epoch; the other ranks' stacks and every rank's last "
+                    f"step are in runs/x/hang; exiting with code {HANG_EXIT_CODE} for a restart")
+    beats[2] = beat(9, 99.0, "node-c")
+    line = hang_message([1, 2], "behind", beats, now=100.0, timeout=10, hang_dir=Path("h"))
+    assert line.startswith("hang: rank 1 on node-b (pid 100), rank 2 on node-c (pid 100) stuck at step 11 in "
+                           "train/trainer.py:1 train_epoch; step 9 in train/trainer.py:1 train_epoch for 10 s "
+                           "(dist.hang_timeout_s) while the others reached step 12; "), line
+
+
+# -- stragglers ------------------------------------------------------------------------------------
+
+
+def test_a_rank_slower_than_the_others_median_in_every_window_is_a_straggler():
+    fast = {0: 0.100, 1: 0.104, 3: 0.098}
+    windows = [{**fast, 2: 0.150}] * 5
+    assert stragglers(windows, ratio=1.2) == {2}
+    assert stragglers([*windows[:4], {**fast, 2: 0.110}], ratio=1.2) == set()  # one window in line: not persistent
+    assert stragglers(windows, ratio=1.6) == set()
+
+
+def test_two_ranks_compare_with_each_other():
+    """With two ranks the median of both (0.125) would need 1.5x to exceed 1.2x; the other's does not."""
+    assert stragglers([{0: 0.100, 1: 0.130}] * 5, ratio=1.2) == {1}
+    assert stragglers([{0: 0.100, 1: 0.115}] * 5, ratio=1.2) == set()
+
+
+def test_the_detector_needs_five_windows_in_a_row_and_reports_once():
+    d = StragglerDetector(ratio=1.2)
+    slow, even = {0: 0.1, 1: 0.1, 2: 0.2}, {0: 0.1, 1: 0.1, 2: 0.1}
+    got = [d.update(w) for w in [slow, slow, even, slow, slow, slow, slow, slow, slow, slow]]
+    assert got == [[], [], [], [], [], [], [], [2], [], []]
+
+
+def test_busy_timer_counts_data_wait_and_forward_but_not_the_allreduce_wait():
+    """A DDP stand-in: 30 ms waiting for data and 20 ms of forward are busy; the 60 ms after the
+    forward (backward with the all-reduce wait, optimizer) and evaluation forwards are not."""
+    class Inner(torch.nn.Linear):
+        def forward(self, x):
+            time.sleep(0.02)
+            return super().forward(x)
+
+    bare = Inner(4, 2)
+    outer = torch.nn.Sequential(bare)  # the wrapper whose forward DDP's buffer broadcast would be in
+    opt = torch.optim.SGD(outer.parameters(), lr=0.1)
+    timer = BusyTimer(outer, bare, opt)
+    steps = 4
+    for _ in range(steps):
+        time.sleep(0.03)  # data
+        outer(torch.randn(2, 4)).sum().backward()
+        time.sleep(0.06)  # the all-reduce wait
+        opt.step()
+    outer.eval()
+    outer(torch.randn(2, 4))
+    busy, n = timer.value
+    assert n == steps
+    # the first step's data wait precedes any step end and is not counted: 3 x 30 + 4 x 20 ms
+    assert 0.17 <= busy < 0.17 + 0.05, busy
+    timer.remove()
+    assert not bare._forward_hooks and not outer._forward_pre_hooks
+
+
+# -- config and NCCL environment -----------------------------------------------------------------
+
+NCCL_NAMES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_DUMP_TEMP_FILE",
+              "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+
+
+def test_nccl_flight_recorder_env_for_nccl_only_and_the_users_values_win(tmp_path):
+    assert distributed.nccl_debug_env("gloo", tmp_path, environ={}) == {}
+    assert distributed.nccl_debug_env("nccl", tmp_path, environ={}) == {
+        "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "hang" / "nccl_trace_rank_"), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    user = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "100", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/scratch/fr_",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert distributed.nccl_debug_env("nccl", tmp_path, environ=user) == {}
+    torchrun = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCHELASTIC_RUN_ID": "x"}  # torchrun's default
+    assert distributed.nccl_debug_env("nccl", tmp_path, environ=torchrun)["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
+@pytest.mark.parametrize("backend, expected", [("gloo", False), ("nccl", True)])
+def test_init_sets_the_nccl_env_before_the_group(tmp_path, monkeypatch, backend, expected):
+    """A world of one: init() reaches the env step and creates no group, so nccl needs no GPU here."""
+    drop = (*NCCL_NAMES, "RANK", "WORLD_SIZE", "SLURM_PROCID", "TORCHELASTIC_RUN_ID")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in drop})
+    distributed.init(config_lib.DistConfig(backend=backend, device="cpu"), tmp_path / "run")
+    got = {n: os.environ[n] for n in NCCL_NAMES if n in os.environ}
+    if expected:
+        assert got == {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                       "TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "run/hang/nccl_trace_rank_"),
+                       "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+        assert (tmp_path / "run/hang").is_dir()
+    else:
+        assert got == {} and not (tmp_path / "run").exists()
+
+
+def test_hang_timeout_must_be_below_the_training_collective_timeout():
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(None, ["dist.hang_timeout_s=100"], check_data=False)
+    assert str(e.value) == ("dist.hang_timeout_s: must be below the training collective timeout (100 s: "
+                            "dist.train_timeout_s, at most dist.timeout_s), or that timeout ends the run before the "
+                            "hung rank is named; got 100")
+    config_lib.load(None, ["dist.hang_timeout_s=0", "dist.train_timeout_s=0"], check_data=False)  # both off
+
+
+# -- a SIGSTOPped rank, end to end ---------------------------------------------------------------
+
+PER_CLASS, CLASSES, EPOCHS, HANG_S = 64, 4, 3, 10  # 16 steps/epoch on 2 ranks x batch 8
+COMMON = ("dist.device=cpu", "dist.cpu_threads=1", f"train.epochs={EPOCHS}", "checkpoint.every_steps=5",
+          "checkpoint.keep=100", f"dist.hang_timeout_s={HANG_S}", "dist.train_timeout_s=60", "log.tensorboard=true")
+LINE = re.compile(r"hang: rank 1 on (\S+) \(pid (\d+)\) sent no heartbeat for \d+ s .*?, the last at step (\d+)")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    data = make_image_folder(tmp_path_factory.mktemp("hang-data"), classes=CLASSES, train_per_class=PER_CLASS, val=16)
+    return write_config(tmp_path_factory.mktemp("hang"), data)
+
+
+def checkpoints(run: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if complete(p))
+
+
+def worker(torchrun: int, rank: int) -> int:
+    """The pid of the worker of `rank` under the torchrun process `torchrun` (RANK in its environment)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            env, cmd = environ.read_bytes().split(b"\0"), (environ.parent / "cmdline").read_bytes()
+            if (b"train/main.py" in cmd and b"torch.distributed.run" not in cmd and f"RANK={rank}".encode() in env
+                    and descends(pid, torchrun)):
+                return pid
+        except OSError:  # gone meanwhile
+            continue
+    raise LookupError(f"no worker of rank {rank} under pid {torchrun}")
+
+
+def descends(pid: int, ancestor: int) -> bool:
+    while pid > 1 and pid != ancestor:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return pid == ancestor
+
+
+def torchrun(config: Path, log: Path, *overrides: str, max_restarts: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "train/main.py", "--config", str(config),
+           *COMMON, *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_stopped_rank_is_named_in_time_and_the_restart_ends_bitwise(config):
+    """The uninterrupted reference trains beside it (the detection is timed by the wall clock)."""
+    run, log_path = config.parent / "runs/hang", config.parent / "hang.log"
+    reference = torchrun(config, config.parent / "ref.log", "log.name=ref")
+    proc = torchrun(config, log_path, "log.name=hang", max_restarts=1)
+    stopped = None
+    try:
+        t0 = time.monotonic()
+        while not checkpoints(run) or checkpoints(run)[-1] < 10:  # mid-epoch, after the timeout switch
+            assert proc.poll() is None and time.monotonic() - t0 < 300, log_path.read_text()[-5000:]
+            time.sleep(0.02)
+        stopped = worker(proc.pid, rank=1)
+        os.kill(stopped, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        while not (m := LINE.search(log_path.read_text(errors="replace"))):
+            assert time.monotonic() - t_stop < HANG_S + 30, log_path.read_text()[-5000:]
+            time.sleep(0.1)
+        detected = time.monotonic() - t_stop
+        rc = proc.wait(timeout=300)
+        assert reference.wait(timeout=300) == 0, (config.parent / "ref.log").read_text()[-5000:]
+    finally:
+        for p in (proc, reference):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log_path.read_text(errors="replace")
+    assert rc == 0, text[-5000:]
+    assert "hang:" not in (config.parent / "ref.log").read_text()
+    host, pid, step = m.group(1), int(m.group(2)), int(m.group(3))
+    assert (host, pid) == (socket.gethostname(), stopped)
+    assert detected <= HANG_S + 10, f"named {detected:.1f} s after the stop"
+    lines = [ln for ln in text.splitlines() if "hang: " in ln]
+    assert len(lines) == 1 and lines[0].endswith(f"exiting with code {HANG_EXIT_CODE} for a restart"), lines
+    assert f"(exitcode: {HANG_EXIT_CODE}) local_rank: 0" in text  # torchrun's report of the survivor's exit
+    assert "collective timeout 1800 s -> 60 s after 2 steps" in text
+    # the survivor's stacks and the table of last steps; the stopped rank could not write
+    files = sorted(p.name for p in (run / "hang").iterdir())
+    assert files == ["rank0.txt"], files
+    dump = (run / "hang/rank0.txt").read_text()
+    assert re.search(rf"^1  {re.escape(host)}  {pid}  {step}  \d+\.\d  False  ", dump, re.M), dump[:2000]
+    assert "Python stacks of this rank's threads:" in dump and 'File "' in dump and "train_epoch" in dump
+    # the restart resumed and ended where an uninterrupted run ends, bit for bit
+    assert "resumed from" in text
+    ref, got = model_state_dict(config.parent / "runs/ref"), model_state_dict(run)
+    assert ref.keys() == got.keys()
+    differ = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not differ, f"{len(differ)}/{len(ref)} tensors differ: {differ[:5]}"
+    # each rank's busy time per step reached TensorBoard (rank 0 reads it from the heartbeats)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for f in (config.parent / "runs/ref/tb").glob("events.*"):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"rank_busy_ms/rank0", "rank_busy_ms/rank1"} <= tags, sorted(tags)
