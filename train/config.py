@@ -184,7 +184,7 @@ class OptimConfig(Section):
     # the other biases (fc, SE); as_bn: as bn_weight_decay
     bias_weight_decay: Literal["as_bn", "on", "off"] = knob("as_bn", resume="recipe")
     label_smoothing: float = knob(0.0, resume="recipe", check=below_one)
-    # training loss (train/losses.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
+    # training loss (train/optim.py): ce = softmax cross-entropy; bce = binary cross-entropy per class
     # on the (soft) targets, as timm's BinaryCrossEntropy in "ResNet strikes back"
     loss: Literal["ce", "bce"] = knob("ce", resume="recipe")
     # bce: targets above it -> 1, the rest -> 0 (timm --bce-target-thresh); 0 = off
@@ -195,7 +195,7 @@ class OptimConfig(Section):
     # micro-batches per optimizer step (gradient accumulation, DDP no_sync on all but the last);
     # with data.global_batch: must split the per-rank batch, or 1 = derive it from data.batch_size
     accumulate: int = knob(1, resume="split", check=positive)
-    # weight EMA (train/ema.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
+    # weight EMA (train/optim.py, torch.optim.swa_utils.AveragedModel): decay per optimizer step, 0 = off;
     # updated every `ema_every` steps with decay ** ema_every; evaluated as val_ema/*, saved as "ema"
     ema_decay: float = knob(0.0, resume="recipe", check=Rule(lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"))
     ema_every: int = knob(1, resume="recipe", check=positive)
