@@ -28,8 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data import augment, folder
-from data.contract import DataError, RankInfo
+from data import DataError, RankInfo, augment, folder
 from data.sampler import GlobalBatchSampler, train_crop_at, val_range
 
 # nvJPEG buffers sized for the largest ImageNet image, so the training decoder allocates once instead

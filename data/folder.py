@@ -19,8 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from data import preflight
-from data.contract import DataError, RankInfo
+from data import DataError, RankInfo, preflight
 from data.sampler import GlobalBatchSampler
 
 log = logging.getLogger("resnet")

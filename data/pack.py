@@ -36,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import preflight
-from data.contract import DataError
+from data import DataError, preflight
 from data.folder import scan
 from data.packed import FORMAT, INDEX
 from data.prepare import labelled_val_files

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.contract import DataError
+from data import DataError
 from data.folder import Split
 
 INDEX = "index.json"  # its presence is what makes a root packed (data.folder.is_packed)

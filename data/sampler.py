@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from data.contract import DataError
+from data import DataError
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:

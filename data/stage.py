@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.contract import DataError, RankInfo
+from data import DataError, RankInfo
 from data.folder import is_packed
 from data.packed import INDEX, read_index
 

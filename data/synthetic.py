@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from data import folder
-from data.contract import RankInfo
+from data import RankInfo, folder
 from data.sampler import steps_per_epoch
 
 

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from data import augment, folder
-from data.contract import RankInfo
+from data import RankInfo, augment, folder
 from data.sampler import GlobalBatchSampler, sample_seed, train_crop_at, val_range
 
 

@@ -1,4 +1,4 @@
-"""Every loader (torch, dali, synthetic) against the one contract of data/contract.py: by
+"""Every loader (torch, dali, synthetic) against the one contract of data/__init__.py: by
 isinstance on the Protocols and by behaviour (device tensors, epoch length, mid-epoch resume,
 exact validation counts, corrupt files replaced and counted)."""
 

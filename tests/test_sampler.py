@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from data.contract import DataError
+from data import DataError
 from data.sampler import GlobalBatchSampler, epoch_order, sample_seed, steps_per_epoch, val_range
 
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_loaders, folder, pack, stage
-from data.contract import DataError
+from data import DataError, build_loaders, folder, pack, stage
 from tests.conftest import make_image_folder
 from train.config import DataConfig
 from train.distributed import DistInfo
