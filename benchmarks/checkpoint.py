@@ -5,11 +5,20 @@ synchronous DCP save against our asynchronous save, side by side in one run.
 
 Blocked time of the async path = the `save()` call + waiting for staging before the next forward
 (exactly what the trainer waits for). Goal: async/sync <= 0.1.
+
+Also the integrity check's cost (train/checkpoint.py): CRC-32 of every file of one checkpoint,
+from the page cache as the writer thread hashes it (in the background upload thread for async
+saves; on the critical path only for sync saves), against the sync save's time; and CRC-32 against
+sha256 and blake2b on the same bytes, which is why CRC-32 was chosen. ResNet-50 + SGD momentum on
+the 2-core Xeon AMX (KVM), load ~6: 195 MiB in 0.12 s of CRC-32 (1.6 GB/s) = 9 % of a 1.3 s sync
+save; sha256 0.87 GB/s, blake2b 0.63 GB/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import statistics
 import sys
 import tempfile
@@ -22,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 
-from train.checkpoint import Checkpointer, ModelState, OptimizerState  # noqa: E402
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, file_crc32, latest  # noqa: E402
 from train.config import (
     CheckpointConfig,  # noqa: E402
     ModelConfig,  # noqa: E402
 )
 from train.distributed import DistInfo  # noqa: E402
 from train.hardware import machine_header  # noqa: E402
-from train.trainer import TrainState  # noqa: E402
 from train.models import build  # noqa: E402
+from train.trainer import TrainState  # noqa: E402
 
 
 def main() -> None:
@@ -68,11 +77,30 @@ def main() -> None:
                     blocked[mode].append(dt)
         for c in ck.values():
             c.close()
+        newest = latest(Path(tmp) / "sync" / "checkpoints")
+        files = [f for f in newest.iterdir() if f.name != "manifest.json"]
+        crc = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for f in files:
+                file_crc32(f)
+            crc.append(time.perf_counter() - t0)
+        on_disk = sum(f.stat().st_size for f in files)
+        blob = b"".join(f.read_bytes() for f in files)
+        rates = {}
+        for name, fn in (("sha256", hashlib.sha256), ("blake2b", hashlib.blake2b)):
+            t0 = time.perf_counter()
+            fn(blob).digest()
+            rates[name] = len(blob) / (time.perf_counter() - t0)
     s, a = statistics.median(blocked["sync"]), statistics.median(blocked["async"])
     print(f"{args.model} on {device}: {size / 2**20:.0f} MiB of model + optimizer state")
     print(f"sync save blocked   {s * 1000:8.1f} ms")
     print(f"async save blocked  {a * 1000:8.1f} ms")
     print(f"async/sync blocked ratio: {a / s:.3f}")
+    c = statistics.median(crc)
+    print(f"CRC-32 of its {len(files)} files ({on_disk / 2**20:.0f} MiB, page cache) {c * 1000:8.1f} ms = "
+          f"{on_disk / c / 1e9:.2f} GB/s, {c / s:.1%} of the sync save; sha256 {rates['sha256'] / 1e9:.2f} GB/s, "
+          f"blake2b {rates['blake2b'] / 1e9:.2f} GB/s; load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ from data import build_loaders
 from tests.distributed_helpers import run_ranks
 from train.config import Config, DataConfig, DistConfig, ModelConfig, OptimConfig
 from train.distributed import DistInfo
-from train.trainer import autocast
 from train.optim import build_optimizer, build_scheduler
-from train.trainer import build_model
+from train.trainer import autocast, build_model
 
 CPU = torch.device("cpu")
 

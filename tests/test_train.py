@@ -41,8 +41,8 @@ def _evaluate(rank, world, root):
     from data import torch_loader
     from train.config import DataConfig, ModelConfig
     from train.distributed import DistInfo
-    from train.trainer import evaluate
     from train.models import build
+    from train.trainer import evaluate
 
     torch.manual_seed(0)
     cfg = DataConfig(root=str(root), batch_size=7, workers=0, train_crop=16, val_resize=16, val_crop=16)
