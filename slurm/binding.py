@@ -19,6 +19,7 @@ mask. Nothing is bound when srun already bound the task (SLURM_CPU_BIND_TYPE, e.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -97,20 +98,58 @@ def bind(mode: str, local_rank: int, local_world_size: int) -> set[int] | None:
         log.info("CPU binding: left to srun (SLURM_CPU_BIND_TYPE=%s)", os.environ["SLURM_CPU_BIND_TYPE"])
         return None
     import torch
-    from torch.numa import binding
 
     if torch.accelerator.is_available():
         if shutil.which("numactl") is None:  # torch.numa.binding checks for it on every path
             log.warning("CPU binding %s: torch.numa.binding needs the numactl command; not bound", mode)
             return None
-        # torch 2.14 exposes NumaOptions/AffinityMode but applies them only from torchrun's launcher:
-        # this call and the one below are private API, pinned by tests/test_slurm.py.
-        binding._maybe_apply_numa_binding_to_current_process(
-            device_index=local_rank, numa_options=binding.NumaOptions(binding.AffinityMode(mode)))
-        return os.sched_getaffinity(0)
+        return bind_next_to_accelerator(mode, local_rank)
     cpus = cpu_share(physical_cores(os.sched_getaffinity(0)), local_rank, local_world_size)
-    binding._bind_all_threads_in_current_process_to_logical_cpus(logical_cpu_indices=cpus)  # same torch module
+    bind_threads(cpus)
     return os.sched_getaffinity(0)
+
+
+INDEX_KEYWORDS = ("device_index", "gpu_index")  # torch 2.14's spelling; torch 2.8/2.9 said gpu_index
+
+
+def index_keyword(fn) -> str | None:
+    """The keyword `fn` takes the accelerator index by (torch renamed it), None if neither."""
+    params = inspect.signature(fn).parameters
+    return next((k for k in INDEX_KEYWORDS if k in params), None)
+
+
+def bind_next_to_accelerator(mode: str, local_rank: int) -> set[int] | None:
+    """torch.numa.binding's `mode` for the accelerator `local_rank`, applied to this process.
+
+    torch exposes NumaOptions/AffinityMode but applies them only from torchrun's launcher, so this
+    calls the private function torchrun uses. Its keyword for the index changed between releases
+    (gpu_index in 2.8/2.9, device_index in 2.14): it is read from the signature, and a torch
+    without the function or with neither keyword leaves the process unbound with one warning."""
+    try:
+        from torch.numa import binding
+        apply = binding._maybe_apply_numa_binding_to_current_process
+        options = binding.NumaOptions(binding.AffinityMode(mode))
+    except (ImportError, AttributeError, ValueError) as e:
+        log.warning("CPU binding %s: this torch has no usable torch.numa.binding (%s); not bound", mode, e)
+        return None
+    keyword = index_keyword(apply)
+    if keyword is None:
+        log.warning("CPU binding %s: torch.numa.binding._maybe_apply_numa_binding_to_current_process%s takes "
+                    "neither of %s; not bound", mode, inspect.signature(apply), "/".join(INDEX_KEYWORDS))
+        return None
+    apply(**{keyword: local_rank}, numa_options=options)
+    return os.sched_getaffinity(0)
+
+
+def bind_threads(cpus: set[int]) -> None:
+    """Every thread of this process to `cpus`: torch.numa.binding's own helper (private), or the
+    same loop over /proc/self/task where a torch lacks it."""
+    try:
+        from torch.numa import binding
+        binding._bind_all_threads_in_current_process_to_logical_cpus(logical_cpu_indices=cpus)
+    except (ImportError, AttributeError, TypeError):  # TypeError: a renamed keyword
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def main(argv: list[str]) -> None:

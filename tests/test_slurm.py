@@ -455,13 +455,42 @@ def test_torch_numa_binding_api():
     from torch.numa import binding as tb
 
     params = inspect.signature(tb._maybe_apply_numa_binding_to_current_process).parameters
-    assert list(params) == ["device_index", "numa_options"]
+    assert binding.index_keyword(tb._maybe_apply_numa_binding_to_current_process) in params
+    assert set(params) - set(binding.INDEX_KEYWORDS) == {"numa_options"}
     assert list(inspect.signature(tb._bind_all_threads_in_current_process_to_logical_cpus).parameters) == [
         "logical_cpu_indices"]
     assert [m.value for m in tb.AffinityMode] == list(binding.MODES[:-1])
     if not torch.accelerator.is_available():
         with pytest.raises(RuntimeError, match="No accelerator available"):
             tb._get_logical_cpus_to_bind_to(device_index=0, numa_options=tb.NumaOptions(tb.AffinityMode.NODE))
+
+
+@pytest.mark.parametrize("keyword", ["device_index", "gpu_index", "ordinal"])
+def test_accelerator_binding_reads_the_index_keyword(monkeypatch, caplog, keyword):
+    """torch 2.8/2.9 name the accelerator index `gpu_index`, 2.14 `device_index` (the device's
+    torch may be either): bind() passes the local rank under the name the installed signature has,
+    and a signature with neither leaves the process unbound with one warning (fakes of the private
+    function; no GPU needed)."""
+    import logging
+
+    from torch.numa import binding as tb
+
+    calls = []
+    fakes = {"device_index": lambda *, device_index, numa_options: calls.append((device_index, numa_options)),
+             "gpu_index": lambda *, gpu_index, numa_options: calls.append((gpu_index, numa_options)),
+             "ordinal": lambda *, ordinal, numa_options: calls.append((ordinal, numa_options))}
+    monkeypatch.setattr(tb, "_maybe_apply_numa_binding_to_current_process", fakes[keyword])
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(binding.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.delenv("SLURM_CPU_BIND_TYPE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="resnet"):
+        cpus = binding.bind("socket", 1, 2)
+    if keyword == "ordinal":
+        assert cpus is None and calls == []
+        assert "takes neither of device_index/gpu_index; not bound" in caplog.text
+    else:
+        assert cpus == os.sched_getaffinity(0) and len(calls) == 1
+        assert calls[0][0] == 1 and calls[0][1].affinity_mode == tb.AffinityMode.SOCKET
 
 
 def test_dry_run_prints_the_sbatch_parameters(tmp_path):
