@@ -263,6 +263,9 @@ class CheckpointConfig(Section):
     # best.json: the model's val top-1 or the EMA's (optim.ema_decay)
     best_by: Literal["val", "val_ema"] = knob("val", resume="free")
     async_save: bool = knob(True, resume="free")
+    # a save that cannot be written (disk full, write error): stop = exit 4, the previous checkpoint
+    # intact; skip = one warning, training goes on (train/checkpoint.py, docs/reliability.md)
+    on_error: Literal["stop", "skip"] = knob("stop", resume="free")
 
 
 @dataclass
@@ -363,7 +366,7 @@ def parse_override(arg: str, cfg: Config) -> dict:
     key, raw = arg.split("=", 1)
     if key not in (keys := list(key_fields())):
         raise _unknown(key, keys)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = _safe_yaml(raw, f"override '{arg}'") if raw != "" else ""
     section, name = key.split(".", 1)
     field_tp = typing.get_type_hints(type(getattr(cfg, section)))[name]
     if _is_text(field_tp) and not isinstance(value, str):
@@ -398,6 +401,17 @@ def validate(cfg: Config, check_data: bool = True) -> None:
                 raise ConfigError(f"data.root: '{path}' does not exist (expected <root>/{split}/<class>/<image>)")
 
 
+def _safe_yaml(stream, where: str) -> Any:
+    """yaml.safe_load (no tag ever constructs an object); a YAML error, such as a
+    `!!python/object/apply` tag, is one ConfigError line naming the file (or override)."""
+    try:
+        return yaml.safe_load(stream)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not plain YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def load(path: str | None, overrides: list[str] = (), check_data: bool = True) -> Config:
     """Build the Config from a YAML recipe and `section.key=value` overrides, then validate it."""
     cfg = Config()
@@ -405,7 +419,7 @@ def load(path: str | None, overrides: list[str] = (), check_data: bool = True) -
         if not Path(path).is_file():
             raise ConfigError(f"--config: file '{path}' not found")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = _safe_yaml(f, f"--config: '{path}'") or {}
         if not isinstance(values, dict):
             raise ConfigError(f"--config: '{path}' must hold a mapping of sections")
         _merge(cfg, values)

@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 from data import DataError, build_val_loader  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import distributed, hardware, models  # noqa: E402
-from train.checkpoint import complete  # noqa: E402
+from train.checkpoint import CheckpointError, saved, short_reason  # noqa: E402
 from train.export import checkpoint_dir, model_state_dict  # noqa: E402
 from train.trainer import evaluate  # noqa: E402
 
@@ -47,7 +47,13 @@ def weights(source: Path, ema: bool) -> dict[str, torch.Tensor]:
     if source.is_file():
         if ema:
             raise config_lib.ConfigError("--ema: needs a run or checkpoint directory, not a .pth file")
-        sd = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickled code, or not a torch file at all
+            raise CheckpointError(f"'{source}' is not a plain weights file; refusing to unpickle it "
+                                  f"({short_reason(e)})") from None
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"'{source}' holds a {type(sd).__name__}, not a state_dict")
         return sd.get("model", sd)
     return model_state_dict(source, "ema.module" if ema else "model")
 
@@ -72,14 +78,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=/data/imagenet")
     args = p.parse_intermixed_args(argv)
     try:
-        if not args.source.exists() or (args.source.is_dir() and not complete(args.source)
+        if not args.source.exists() or (args.source.is_dir() and not saved(args.source)
                                         and not (args.source / "checkpoints").is_dir()):
             raise config_lib.ConfigError(f"source: '{args.source}' is no run, checkpoint or weights file")
         cfg = run_config(args.source, args.config, [*args.overrides, "train.resume=off"])
         sizes = parse_sizes(args.sizes) if args.sizes else [(cfg.data.val_resize, cfg.data.val_crop)]
         with distributed.process_group(cfg.dist) as info:
             return sweep(cfg, info, weights(args.source, args.ema), sizes, args.tta)
-    except (config_lib.ConfigError, DataError, FileNotFoundError) as e:
+    except (config_lib.ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -6,25 +6,29 @@
 
 The file loads with `torch.load(path, weights_only=True)` into torchvision's model of the same
 name (keys and shapes are torchvision's) and back into ours with `model.weights=resnet50.pth`.
-It reads every shard, so this works whatever the number of ranks that saved.
+It reads every shard, so this works whatever the number of ranks that saved. Every file is checked
+against the checkpoint's manifest first: a damaged checkpoint is refused in one line, exit code 2
+(docs/reliability.md), and nothing in it is unpickled but plain tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-from train.checkpoint import complete, latest, load_tensors
+from train.checkpoint import CheckpointError, load_tensors, newest_saved, saved
 
 
 def checkpoint_dir(run_or_ckpt: Path) -> Path:
-    """A checkpoint directory itself, or the newest complete one of a run directory."""
+    """A checkpoint directory itself, or the newest complete one of a run directory (the newest
+    without a manifest where none has one)."""
     path = Path(run_or_ckpt)
-    if complete(path):
+    if saved(path):
         return path
-    found = latest(path / "checkpoints")
+    found = newest_saved(path / "checkpoints")
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint in '{path}' or '{path / 'checkpoints'}'")
     return found
@@ -44,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         sd = model_state_dict(args.run, "ema.module" if args.ema else "model")
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, args.out)
     print(f"wrote {args.out}: {len(sd)} tensors")

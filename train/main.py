@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Exit codes (docs/reliability.md): 0 done; 1 non-finite loss or weights; 2 a user or input error
+# (config, data, a refused or damaged checkpoint); 3 saved on a signal, start me again
+# (train.trainer.REQUEUE_EXIT_CODE); 4 a checkpoint could not be written (checkpoint.on_error=stop,
+# the previous one intact); 5 the run directory is held by another live run.
+SAVE_FAILED_EXIT_CODE = 4
+RUN_LOCKED_EXIT_CODE = 5
+
+
+def fail(e: BaseException, code: int) -> None:
+    """One `error:` line on stderr and the exit code. An error decided on rank 0 and raised alike on
+    every rank (`same_on_every_rank`) is printed by rank 0 only."""
+    if not getattr(e, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
+        print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
@@ -31,18 +48,24 @@ def main(argv: list[str] | None = None) -> dict:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from train.checkpoint import UnsafeCheckpoint
+    from train.checkpoint import CheckpointError, CheckpointSaveError
+    from train.monitor import setup_logging
+    from train.runlock import RunLocked, hold
     from train.trainer import NonFiniteLoss, fit
 
     try:
-        with distributed.process_group(cfg.dist) as info:
-            return fit(cfg, info)
-    except (config_lib.ConfigError, DataError, FileNotFoundError, UnsafeCheckpoint) as e:  # found after start-up
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with distributed.process_group(cfg.dist, cfg.run_dir) as info:
+            setup_logging(info.rank)  # the lock's warnings are logged like the run's
+            with hold(cfg.run_dir, info):  # one run per run directory (train/runlock.py)
+                return fit(cfg, info)
+    except (config_lib.ConfigError, DataError, FileNotFoundError, CheckpointError) as e:  # found after start-up
+        fail(e, 2)
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(e, 1)
+    except CheckpointSaveError as e:
+        fail(e, SAVE_FAILED_EXIT_CODE)
+    except RunLocked as e:
+        fail(e, RUN_LOCKED_EXIT_CODE)
 
 
 if __name__ == "__main__":
