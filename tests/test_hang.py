@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, make_image_folder, write_config
+from tests.distributed_helpers import free_port
 from train import config as config_lib
 from train import distributed
 from train.checkpoint import complete
@@ -35,6 +37,8 @@ from train.watchdog import (
     HANG_EXIT_CODE,
     Beat,
     BusyTimer,
+    DeadlineStore,
+    StoreSilent,
     StragglerDetector,
     hang_message,
     stalled_ranks,
@@ -81,6 +85,40 @@ def test_the_hang_line_names_rank_host_and_step():
     assert line.startswith("hang: rank 1 on node-b (pid 100), rank 2 on node-c (pid 100) stuck at step 11 in "
                            "train/trainer.py:1 train_epoch; step 9 in train/trainer.py:1 train_epoch for 10 s "
                            "(dist.hang_timeout_s) while the others reached step 12; "), line
+    line = hang_message([0], "store", {}, now=100.0, timeout=12.4, hang_dir=Path("h"), store_host="10.0.0.1")
+    assert line == ("hang: rank 0 on 10.0.0.1 does not answer for 12 s (dist.hang_timeout_s): its process serves the "
+                    f"rendezvous store; the other ranks' stacks are in h; exiting with code {HANG_EXIT_CODE} for a "
+                    "restart")
+
+
+def test_a_stopped_store_server_costs_the_watchdog_one_timeout_not_forever():
+    """TCPStore's check() waits for a reply without a deadline; with the server (rank 0 under srun or
+    Submitit) stopped it never returns. DeadlineStore gives up after its timeout, then at once."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", "import datetime, time, torch.distributed as d; "
+                               f"s = d.TCPStore('127.0.0.1', {port}, None, True, datetime.timedelta(seconds=60), "
+                               "wait_for_workers=False); s.set('up', '1'); time.sleep(120)"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = torch.distributed.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=2),
+                                                    wait_for_workers=False)
+                break
+            except torch.distributed.DistError:
+                assert time.monotonic() < deadline
+        store = DeadlineStore(client, timeout=1.0)
+        assert store.check(["up"]) is True
+        os.kill(server.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(StoreSilent, match="check got no answer in 1 s"):
+            store.check(["up"])
+        with pytest.raises(StoreSilent, match="a get is still waiting"):
+            store.get("up")
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        server.kill()
+        server.wait()
 
 
 # -- stragglers ------------------------------------------------------------------------------------

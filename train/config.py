@@ -278,6 +278,21 @@ class DistConfig(Section):
     static_graph: bool = knob(False, resume="free")
     # intra-op threads per rank; 0 = its share of the node's CPUs (less loader workers)
     cpu_threads: int = knob(0, resume="free", check=non_negative)
+    # hangs and stragglers (train/watchdog.py, docs/reliability.md): after a rank's first 2 steps
+    # the collective timeout drops from timeout_s (start-up, staging) to train_timeout_s (0: keep
+    # timeout_s); a rank without a heartbeat for hang_timeout_s is named and the others exit 75
+    # (0: off); a rank busy straggler_ratio x the others' median for 5 windows of 5 s is named (0: off)
+    train_timeout_s: int = knob(100, resume="free", check=non_negative)
+    hang_timeout_s: int = knob(60, resume="free", check=non_negative)
+    straggler_ratio: float = knob(1.2, resume="free", check=Rule(lambda v: v == 0 or v > 1, "must be 0 (off) or > 1"))
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        limit = min(self.train_timeout_s or self.timeout_s, self.timeout_s)  # the training collective timeout
+        if self.hang_timeout_s >= limit:
+            raise ConfigError(f"{prefix}hang_timeout_s: must be below the training collective timeout ({limit} s: "
+                              f"{prefix}train_timeout_s, at most {prefix}timeout_s), or that timeout ends the run "
+                              f"before the hung rank is named; got {self.hang_timeout_s}")
 
 
 @dataclass

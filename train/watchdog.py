@@ -115,8 +115,8 @@ def hang_message(ranks: Sequence[int], why: str, beats: Mapping[int, Beat | None
     else:
         ahead = max(b.step for b in beats.values() if b is not None)
         head = f"{who} stuck at {last} for {timeout:g} s (dist.hang_timeout_s) while the others reached step {ahead}"
-    return (f"hang: {head}; the other ranks' stacks and every rank's last step are in {hang_dir}; "
-            f"exiting with code {HANG_EXIT_CODE} for a restart")
+    written = "the other ranks' stacks" + ("" if why == "store" else " and every rank's last step")
+    return f"hang: {head}; {written} are in {hang_dir}; exiting with code {HANG_EXIT_CODE} for a restart"
 
 
 def stragglers(windows: Sequence[Mapping[int, float]], ratio: float) -> set[int]:
@@ -194,6 +194,42 @@ class BusyTimer:
             h.remove()
 
 
+class StoreSilent(Exception):
+    """The heartbeat store did not answer within STORE_TIMEOUT_S."""
+
+
+class DeadlineStore:
+    """The heartbeat store's calls, each given at most `timeout` s. A TCPStore client waits for a
+    reply without a deadline: with its server stopped, check() blocks forever (set() returns, its
+    bytes buffered). A call runs in a helper thread; while one is stuck, the next raise at once."""
+
+    def __init__(self, store: dist.Store, timeout: float):
+        self.store, self.timeout, self._stuck = store, timeout, None
+
+    def __getattr__(self, method: str):
+        def call(*args):
+            if self._stuck is not None and self._stuck.is_alive():
+                raise StoreSilent(f"a {method} is still waiting")
+            out = {}
+
+            def run() -> None:
+                try:
+                    out["value"] = getattr(self.store, method)(*args)
+                except Exception as e:  # noqa: BLE001 - handed to the caller's thread
+                    out["error"] = e
+
+            t = threading.Thread(target=run, name="watchdog-store", daemon=True)
+            t.start()
+            t.join(self.timeout)
+            if t.is_alive():
+                self._stuck = t
+                raise StoreSilent(f"{method} got no answer in {self.timeout:g} s")
+            if "error" in out:
+                raise out["error"]
+            return out["value"]
+        return call
+
+
 def where(frame) -> str:
     """`file:line function` of the innermost frame of this repository's code in a stack, and the
     innermost frame when that is elsewhere (torch, the loader)."""
@@ -233,7 +269,8 @@ class Watchdog:
 
     def __enter__(self) -> Watchdog:
         if self.enabled:
-            self.store, self.store_host = distributed.heartbeat_store(STORE_TIMEOUT_S)
+            store, self.store_host = distributed.heartbeat_store(STORE_TIMEOUT_S)
+            self.store = DeadlineStore(store, STORE_TIMEOUT_S)
             self.store.set(f"beat/{self.rank}", self._beat().encode())
             self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
             self._thread.start()
@@ -245,7 +282,7 @@ class Watchdog:
             self._thread.join()
             try:
                 self.store.set(f"beat/{self.rank}", self._beat(done=True).encode())
-            except dist.DistError:
+            except (dist.DistError, StoreSilent):
                 pass
         if self.timer is not None:
             self.timer.remove()
@@ -283,13 +320,17 @@ class Watchdog:
             try:
                 self.store.set(f"beat/{self.rank}", self._beat().encode())
                 if self.detector is not None:
-                    self._straggle(self._read())
+                    try:
+                        self._straggle(self._read())
+                    except (ValueError, TypeError, KeyError, OSError) as e:  # keep the heartbeats going
+                        log.warning("straggler detection off: %s", e)
+                        self.detector = None
                 if stalled >= 2 * HEARTBEAT_S and self.store.check(["hang"]):
                     self._hang(f"rank {self.store.get('hang').decode()} found the hang", {})  # exits
                 beats = self._read() if armed and self.hang_timeout and stalled >= self.hang_timeout else None
                 silent_since = None
-            except dist.DistError:  # no answer within STORE_TIMEOUT_S: rank 0 stopped, if it serves the store
-                silent_since = silent_since or mono - STORE_TIMEOUT_S
+            except (dist.DistError, StoreSilent):  # no answer: rank 0 stopped, if it serves the store
+                silent_since = silent_since or mono  # when the unanswered call was made
                 beats = None
                 silent = time.monotonic() - silent_since
                 if (armed and self.hang_timeout and self.store_host == "rank 0"
@@ -349,7 +390,7 @@ class Watchdog:
                 log.warning("no NCCL flight recorder dump: %s", e)
         try:
             first = self.store.compare_set("hang", "", str(self.rank)).decode() == str(self.rank)
-        except dist.DistError:
+        except (dist.DistError, StoreSilent):
             first = True
         if first:
             log.error(line)
