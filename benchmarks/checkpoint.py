@@ -9,9 +9,10 @@ Blocked time of the async path = the `save()` call + waiting for staging before 
 Also the integrity check's cost (train/checkpoint.py): CRC-32 of every file of one checkpoint,
 from the page cache as the writer thread hashes it (in the background upload thread for async
 saves; on the critical path only for sync saves), against the sync save's time; and CRC-32 against
-sha256 and blake2b on the same bytes, which is why CRC-32 was chosen. ResNet-50 + SGD momentum on
-the 2-core Xeon AMX (KVM), load ~6: 195 MiB in 0.12 s of CRC-32 (1.6 GB/s) = 9 % of a 1.3 s sync
-save; sha256 0.87 GB/s, blake2b 0.63 GB/s.
+sha256 and blake2b on the same bytes, which is why CRC-32 was chosen. ResNet-50 + SGD momentum
+on the 2-core Xeon AMX (KVM), load 3-5, three runs: 196 MiB in 80-160 ms of CRC-32 (1.3-2.6 GB/s)
+= 7-16 % of a 1.0-1.7 s sync save; sha256 and blake2b 0.4-1.0 GB/s; async blocked 95-180 ms,
+async/sync 0.09-0.11.
 """
 
 from __future__ import annotations
