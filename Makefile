@@ -6,13 +6,17 @@ DATA ?= datasets/fashion-mnist
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test test-all test-slow bench lint clean
+.PHONY: install data demo test test-all test-slow bench gpu gpu-stage lint clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	@# the dali extra was DALI's CUDA 12 build: its packages share paths (nvidia/dali, nvimgcodec, libnvcomp) with
+	@# the CUDA 13 ones, so they go first (pyproject.toml says why CUDA 13)
+	$(PY) -m pip uninstall -q -y nvidia-dali-cuda120 nvidia-nvimgcodec-cu12 nvidia-libnvcomp-cu12 \
+		nvidia-nvjpeg-cu12 nvidia-nvjpeg2k-cu12 nvidia-nvtiff-cu12 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[dev,dali]'
 	touch $@
 
@@ -38,6 +42,12 @@ bench: data  # the CPU benchmarks; on a GPU also `$(PY) benchmarks/gpu.py`
 	$(PY) benchmarks/monitor.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/loader.py
+
+gpu:  # the acceptance call on a lent GPU machine (no venv there: its python3 has torch); docs/gpu.md
+	python3 benchmarks/gpu.py $(GPU_ARGS)
+
+gpu-stage: install  # here: DALI + submitit wheels for the device, in parts of <= 56 MiB under .gpu/
+	$(PY) benchmarks/gpu.py --stage .gpu
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,17 @@ def make_image_folder(root: Path, classes: int = 4, train_per_class: int = 16, v
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests (tests/test_gpu.py: `pytest -m gpu`) skip where no CUDA GPU is visible."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (pytest -m gpu; benchmarks/gpu.py runs them on a lent one)")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny"))
