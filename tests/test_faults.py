@@ -367,6 +367,35 @@ def test_a_failed_manifest_write_is_a_failed_save(tmp_path, monkeypatch):
     assert not (ckpts / "step_2").exists() and find_resume("auto", tmp_path) == ckpts / "step_1"
 
 
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs (root only; skipped elsewhere): a disk that really fills up."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_really_full_disk_is_one_line_and_the_previous_checkpoint_loads(small_fs, async_save):
+    c, weights = save_steps(small_fs, steps=(1,), async_save=async_save)
+    ckpts = small_fs / "checkpoints"
+    needed = sum(f["bytes"] for f in json.loads((ckpts / f"step_1/{MANIFEST}").read_text())["files"].values())
+    (small_fs / "junk").write_bytes(b"x" * (shutil.disk_usage(small_fs).free - needed - 512))  # passes the check
+    model, opt = model_and_opt(5)
+    with pytest.raises(CheckpointSaveError) as e:
+        c.save({"model": ModelState(model), "optim": OptimizerState(model, opt)}, step=2)
+        c.wait()
+    head, tail = str(e.value).split(" failed (", 1)
+    assert head == f"checkpoint: writing '{ckpts / 'step_2'}'" and "\n" not in tail, str(e.value)
+    assert tail.split("): ", 1)[1] == (f"needs {human_bytes(needed)}, {human_bytes(shutil.disk_usage(small_fs).free)} "
+                                       "free; step_1 is the newest complete checkpoint")
+    assert not (ckpts / "step_2").exists() and check(ckpts / "step_1") is None
+    assert torch.equal(load_tensors(ckpts / "step_1", "model.")["0.weight"], weights[1]["0.weight"])
+
+
 # ---- the device RNG and async staging (issue 20) -------------------------------------------------------
 
 class FakeCudaRNG:

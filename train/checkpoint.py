@@ -35,8 +35,8 @@ them with `torch.load(weights_only=False)`: `SafeLoadPlanner` uses `weights_only
 are read by DCP with `weights_only=True`. Any refusal or unreadable file is one line naming the
 checkpoint (`CheckpointError`).
 
-A save that cannot be written (free space below the last checkpoint's size, checked before
-writing; ENOSPC or any other write error) is one line naming the path, the bytes needed and free:
+A save that cannot be written (free space below the last checkpoint's size or the state's tensor
+bytes, checked before writing; ENOSPC or any other write error) is one line naming the path, the bytes needed and free:
 `checkpoint.on_error=stop` exits with code 4 (the previous checkpoint intact), `skip` warns and
 trains on.
 """
@@ -488,7 +488,7 @@ class Checkpointer:
         if complete(path) or step == self.skipped_step:
             return path  # already saved (or skipped) at this step (e.g. end of epoch and end of run)
         sd = {name: obj.state_dict() for name, obj in states.items()}
-        needed = self.last_size or _tensor_bytes(sd)  # rank 0's estimate is the one used
+        needed = max(self.last_size, _tensor_bytes(sd))  # the last checkpoint or this state; rank 0's counts
         short = False
         if self.rank == 0:
             if path.exists():  # an interrupted save at this step: its files are never reused
