@@ -325,3 +325,35 @@ def test_a_stopped_rank_is_named_in_time_and_the_restart_ends_bitwise(config):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"rank_busy_ms/rank0", "rank_busy_ms/rank1"} <= tags, sorted(tags)
+
+
+# -- a slow rank, end to end ---------------------------------------------------------------------
+
+SLOW = """
+data: {{loader: synthetic, batch_size: 8, workers: 0, train_crop: 16, val_resize: 16, val_crop: 16, num_classes: 4,
+        synthetic_samples: 8000}}
+model: {{name: resnet20, stem: cifar}}
+train: {{epochs: 1, max_steps: 100, amp: "off"}}
+log: {{dir: {runs}, every: 5, progress: lines, tensorboard: false}}
+checkpoint: {{async_save: false}}
+dist: {{device: cpu, cpu_threads: 1}}
+"""
+
+
+def test_a_rank_with_a_slow_input_pipeline_is_named_once(tmp_path):
+    """Rank 1 gets every batch 200 ms late (tests/slow_rank.py): both ranks step at its pace, but
+    only rank 1 is busy before the all-reduce; after 5 windows of 3 s it is named, once."""
+    config = tmp_path / "slow.yaml"
+    config.write_text(SLOW.format(runs=tmp_path / "runs"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SLOW_RANK": "1", "SLOW_S": "0.2"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/slow_rank.py", "--config", str(config)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if "straggler:" in ln]
+    assert len(lines) == 1, lines
+    m = re.search(r"straggler: rank 1 on (\S+) is busy (\d+) ms per step before the all-reduce \(data wait \+ "
+                  r"forward\), ([\d.]+)x the median of the other ranks \((\d+) ms\), for 5 windows of 3 s in a "
+                  r"row; every rank waits for it$", lines[0])
+    assert m and m.group(1) == socket.gethostname(), lines[0]
+    assert int(m.group(2)) >= 200 and float(m.group(3)) > 1.2, lines[0]

@@ -281,7 +281,7 @@ class DistConfig(Section):
     # hangs and stragglers (train/watchdog.py, docs/reliability.md): after a rank's first 2 steps
     # the collective timeout drops from timeout_s (start-up, staging) to train_timeout_s (0: keep
     # timeout_s); a rank without a heartbeat for hang_timeout_s is named and the others exit 75
-    # (0: off); a rank busy straggler_ratio x the others' median for 5 windows of 5 s is named (0: off)
+    # (0: off); a rank busy straggler_ratio x the others' median for 5 windows of 3 s is named (0: off)
     train_timeout_s: int = knob(100, resume="free", check=non_negative)
     hang_timeout_s: int = knob(60, resume="free", check=non_negative)
     straggler_ratio: float = knob(1.2, resume="free", check=Rule(lambda v: v == 0 or v > 1, "must be 0 (off) or > 1"))

@@ -55,7 +55,7 @@ HEARTBEAT_S = 1.0
 STORE_TIMEOUT_S = 5.0  # one store call of the watchdog waits at most this long
 TRAIN_TIMEOUT_AFTER_STEPS = 2
 STRAGGLER_WINDOWS = 5  # consecutive windows of at least `log.every` steps and WINDOW_S seconds
-WINDOW_S = 5.0
+WINDOW_S = 3.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
