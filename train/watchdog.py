@@ -313,9 +313,10 @@ class Watchdog:
                 if 0 < self.train_timeout < self.timeout:
                     distributed.set_collective_timeout(self.train_timeout)
                     if self.rank == 0:
-                        log.info("collective timeout %d s -> %d s after %d steps (dist.train_timeout_s); a rank "
-                                 "silent for %d s is named (dist.hang_timeout_s)", self.timeout, self.train_timeout,
-                                 TRAIN_TIMEOUT_AFTER_STEPS, self.hang_timeout)
+                        log.info("collective timeout %d s -> %d s after %d steps (dist.train_timeout_s)%s",
+                                 self.timeout, self.train_timeout, TRAIN_TIMEOUT_AFTER_STEPS,
+                                 f"; a rank silent for {self.hang_timeout} s is named (dist.hang_timeout_s)"
+                                 if self.hang_timeout else "")
             stalled = mono - moved
             try:
                 self.store.set(f"beat/{self.rank}", self._beat().encode())
