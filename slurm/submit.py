@@ -55,6 +55,16 @@ Preemption / time limit, and who does what (submitit 1.5):
     UncompletedJobError so that submitit records the job as ended. A signal that arrives before
     the trainer has installed its handlers (start-up, data loading) is held and re-delivered as
     SIGUSR1 as soon as they are installed.
+
+A hung rank (train/watchdog.py, docs/reliability.md "Hangs and stragglers"): the live ranks exit
+75 from the watchdog thread with os._exit (the main thread is stuck in a collective, so nothing in
+Python could catch the exit), which would fail the job. So every task runs with
+RESNET_REQUEUE_ON_HANG=1 (a value exported when submitting wins; 0 turns it off), and the rank
+that names the hang runs `scontrol requeue $SLURM_JOB_ID` before it exits, at most
+MAX_HANG_REQUEUES times (env, default 3) per job, counted in <run>/hang/requeue.<job>.<restart>.
+SLURM then kills the job's tasks (the stopped one too, after KillWait) and runs the same batch
+script again: submitit loads the same <job>_submitted.pkl (checkpoint() is not involved), i.e.
+this Trainer with `train.resume=auto`, which resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -79,6 +89,7 @@ if str(ROOT) not in sys.path:  # `python slurm/submit.py`: make `train` and `slu
     sys.path.insert(0, str(ROOT))
 
 REQUEUE_EXIT_CODE = 3  # train.trainer.REQUEUE_EXIT_CODE (not imported: that pulls in torch)
+REQUEUE_ON_HANG_ENV = "RESNET_REQUEUE_ON_HANG"  # train.watchdog.REQUEUE_ENV
 from slurm.binding import MODES  # noqa: E402  (no torch import)
 
 
@@ -139,6 +150,7 @@ class Trainer:
             from train.distributed import slurm_node_address
 
             os.environ["MASTER_ADDR"] = slurm_node_address(dist_env.master_addr)
+            os.environ.setdefault(REQUEUE_ON_HANG_ENV, "1")  # the watchdog requeues on a hang (docstring)
         bound = binding.bind(self.numa_binding, dist_env.local_rank, dist_env.local_world_size)
         # intra-op threads per task, from its CPUs (the trainer keeps a value other than 1; with 1
         # it takes its share of the affinity mask). sbatch exports the submitting shell's

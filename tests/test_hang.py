@@ -40,6 +40,7 @@ from train.watchdog import (
     DeadlineStore,
     StoreSilent,
     StragglerDetector,
+    claim_hang_requeue,
     hang_message,
     stalled_ranks,
     stragglers,
@@ -120,6 +121,81 @@ def test_a_stopped_store_server_costs_the_watchdog_one_timeout_not_forever():
     finally:
         server.kill()
         server.wait()
+
+
+# -- requeue on a hang under Submitit ---------------------------------------------------------------
+
+
+def test_a_hang_requeues_only_under_submitit_and_at_most_max_hang_requeues_times(tmp_path):
+    """RESNET_REQUEUE_ON_HANG=1 (slurm/submit.py's tasks) and a SLURM job: one claim per restart
+    round (the rank that wins creates requeue.<job>.<round>), MAX_HANG_REQUEUES per job (default 3)."""
+    on = {"RESNET_REQUEUE_ON_HANG": "1", "SLURM_JOB_ID": "77"}
+    assert claim_hang_requeue({"SLURM_JOB_ID": "77"}, tmp_path) == ("", "")  # torchrun, train.sbatch
+    assert claim_hang_requeue({**on, "RESNET_REQUEUE_ON_HANG": "0"}, tmp_path) == ("", "")
+    assert claim_hang_requeue({"RESNET_REQUEUE_ON_HANG": "1"}, tmp_path) == ("", "")  # not under SLURM
+    assert list(tmp_path.iterdir()) == []
+    for n in (1, 2, 3):
+        env = {**on, "SLURM_RESTART_COUNT": str(n - 1)} if n > 1 else on  # unset in the first run
+        assert claim_hang_requeue(env, tmp_path) == (
+            "77", f"requeue: requeueing job 77 after the hang ({n} of MAX_HANG_REQUEUES=3); it resumes from the newest "
+                  "checkpoint")
+        assert claim_hang_requeue(env, tmp_path) == ("", "")  # a second rank of the same round
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["requeue.77.0", "requeue.77.1", "requeue.77.2"]
+    assert claim_hang_requeue({**on, "SLURM_RESTART_COUNT": "3"}, tmp_path) == (
+        "", "requeue: not requeueing job 77: it was requeued for a hang 3 time(s) already (MAX_HANG_REQUEUES=3)")
+    assert claim_hang_requeue({**on, "SLURM_RESTART_COUNT": "3", "MAX_HANG_REQUEUES": "4"}, tmp_path)[0] == "77"
+    other = {**on, "SLURM_JOB_ID": "78"}  # another job in the same run dir starts at 0
+    assert claim_hang_requeue({**other, "MAX_HANG_REQUEUES": "0"}, tmp_path) == (
+        "", "requeue: not requeueing job 78: it was requeued for a hang 0 time(s) already (MAX_HANG_REQUEUES=0)")
+    assert claim_hang_requeue({**other, "MAX_HANG_REQUEUES": "x"}, tmp_path) == (
+        "", "requeue: not requeueing job 78: MAX_HANG_REQUEUES='x' is not a whole number")
+    assert claim_hang_requeue(other, tmp_path)[0] == "78"
+
+
+HANG = """
+import logging, sys
+from pathlib import Path
+from types import SimpleNamespace
+import torch.distributed as dist
+from train import watchdog
+watchdog.HEARTBEAT_S = 0.01
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+dog = watchdog.Watchdog.__new__(watchdog.Watchdog)
+dog.rank, dog.host, dog.pid, dog.backend, dog.state = 0, "h", 1, "gloo", SimpleNamespace(step=7)
+dog.hang_dir, dog.store = Path(sys.argv[1]), dist.HashStore()
+dog._hang("hang: rank 1 named", {})
+"""
+
+
+@pytest.mark.parametrize("env, calls, note", [
+    ({}, [], ""),
+    ({"RESNET_REQUEUE_ON_HANG": "1"}, ["requeue 4242"],
+     "requeue: requeueing job 4242 after the hang (1 of MAX_HANG_REQUEUES=3); it resumes from the newest checkpoint"),
+    ({"RESNET_REQUEUE_ON_HANG": "1", "MAX_HANG_REQUEUES": "0"}, [],
+     "requeue: not requeueing job 4242: it was requeued for a hang 0 time(s) already (MAX_HANG_REQUEUES=0)"),
+    ({"RESNET_REQUEUE_ON_HANG": "1", "SCONTROL_RC": "1"}, ["requeue 4242"],
+     "requeue: `scontrol requeue 4242` failed: scontrol: error: Invalid job id specified"),
+], ids=["torchrun", "submitit", "bound", "scontrol-fails"])
+def test_the_rank_naming_a_hang_requeues_the_slurm_job_then_exits_75(tmp_path, env, calls, note):
+    """Watchdog._hang in a process of its own, with a fake `scontrol` on PATH that records its
+    arguments: it exits 75 in every case, and calls `scontrol requeue <job>` only when asked to."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"""#!/bin/sh
+echo "$*" >> {record}
+[ "${{SCONTROL_RC:-0}}" = 0 ] || echo "scontrol: error: Invalid job id specified" >&2
+exit "${{SCONTROL_RC:-0}}"
+""")
+    (bin_dir / "scontrol").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RESNET_", "MAX_HANG"))}
+    r = subprocess.run([sys.executable, "-c", HANG, str(tmp_path / "hang")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**base, "PATH": f"{bin_dir}:{base['PATH']}", "SLURM_JOB_ID": "4242", **env})
+    assert r.returncode == HANG_EXIT_CODE, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["hang: rank 1 named", *([note] if note else [])], r.stdout + r.stderr
+    assert (record.read_text().splitlines() if record.exists() else []) == calls
+    markers = sorted(p.name for p in (tmp_path / "hang").glob("requeue.*"))
+    assert markers == (["requeue.4242.0"] if calls else [])
+    assert (tmp_path / "hang/rank0.txt").read_text().startswith("== ")
 
 
 # -- stragglers ------------------------------------------------------------------------------------

@@ -610,3 +610,83 @@ def test_impossible_request_fails_at_submission(cluster, tmp_path, extra, expect
     queued = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"], capture_output=True, text=True)
     assert queued.returncode == 0 and queued.stdout.strip() == "", queued.stdout + queued.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def fake_slurm_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """Stand-ins for what train.sbatch calls, with no SLURM: `srun` runs its command once (one
+    node), `scontrol` records its arguments (and answers `show hostnames`/`show node`), and a
+    `python` whose `-m torch.distributed.run` starts GPUS workers with LOCAL_RANK set and exits 1
+    if any failed (as torchrun does), whose trainer (`-u train/main.py`) exits with the code of
+    its local rank in FAKE_CODES, and which is the real interpreter otherwise."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    scripts = {
+        "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+        "scontrol": f"""#!/bin/bash
+echo "$*" >> {calls}
+case "$1 $2" in
+    "show hostnames") echo n1 ;;
+    "show node") echo "NodeName=n1 NodeAddr=127.0.0.1 State=ALLOCATED" ;;
+esac
+""",
+        "python": f"""#!/bin/bash
+case "$1" in
+    -m) while [[ $1 != --no-python ]]; do shift; done; shift
+        pids=()
+        for ((r = 0; r < GPUS; r++)); do LOCAL_RANK=$r "$@" & pids+=($!); done
+        rc=0
+        for p in "${{pids[@]}}"; do wait "$p" || rc=1; done
+        exit $rc ;;
+    -u) codes=($FAKE_CODES); exit "${{codes[$LOCAL_RANK]}}" ;;
+    *) exec {sys.executable} "$@" ;;
+esac
+""",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, calls
+
+
+HUNG = "a rank hung (exit 75): "
+NAMED = "{host}: 1 of 2 workers named a hang and exited with code 75"
+
+
+@pytest.mark.parametrize("codes, env, before, rc, lines", [
+    ("75 137", {}, [], 0,
+     [NAMED, HUNG + "requeueing job 4242 (1 of MAX_HANG_REQUEUES=3); it resumes from the newest checkpoint"]),
+    ("3 75", {"SLURM_RESTART_COUNT": "2", "MAX_HANG_REQUEUES": "2"},
+     ["requeue.4242.0", "requeue.4242.1", "requeue.7.0"], 75,
+     [NAMED, HUNG + "not requeueing job 4242, requeued for a hang 2 time(s) already (MAX_HANG_REQUEUES=2)",
+      "training exited with code 75"]),
+    ("3 3", {}, [], 0,
+     ["{host}: all 2 workers saved a checkpoint and exited with code 3", "checkpoint saved: requeueing job 4242"]),
+    ("1 137", {}, [], 1, ["training exited with code 1"]),
+    ("0 0", {"MAX_HANG_REQUEUES": "x"}, [], 2, []),
+], ids=["hang", "hang-bound", "saved", "crash", "bad-bound"])
+def test_sbatch_requeues_a_hang_at_most_max_hang_requeues_times(tmp_path, codes, env, before, rc, lines):
+    """Needs no cluster: train.sbatch's node and batch shells with fake srun/scontrol/torchrun. A node
+    reports 75 when a worker exited 75 and not all saved (3); the batch shell requeues on 75 and
+    records it in <run>/hang/requeue.<job>.<restart>, at most MAX_HANG_REQUEUES per job."""
+    bin_dir, calls = fake_slurm_bin(tmp_path)
+    hang = tmp_path / "runs/fk/hang"
+    hang.mkdir(parents=True)
+    for name in before:
+        (hang / name).touch()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RESNET_", "MAX_HANG"))}
+    env = {**base, "PATH": f"{bin_dir}:{base['PATH']}", "PYTHON": str(bin_dir / "python"), "REPO": str(ROOT),
+           "CONFIG": str(tiny_config(tmp_path, steps=10)), "GPUS": "2", "NUMA_BINDING": "off", "EXIT_GRACE_S": "0",
+           "FAKE_CODES": codes, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NNODES": "1", **env}
+    r = subprocess.run(["bash", "slurm/train.sbatch", "log.name=fk"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == rc, r.stdout + r.stderr
+    said = [ln for ln in r.stdout.splitlines() if not ln.startswith("[train.sbatch] job 4242 restart")]
+    host = socket.gethostname().split(".")[0]
+    assert said == [f"[train.sbatch] {ln.format(host=host)}" for ln in lines], r.stdout
+    requeues = [c for c in (calls.read_text().splitlines() if calls.exists() else []) if c.startswith("requeue")]
+    assert requeues == (["requeue 4242"] if re.search("(?<!not )requeueing job", r.stdout) else [])
+    requeued_for_hang = HUNG + "requeueing" in r.stdout
+    assert sorted(p.name for p in hang.iterdir()) == sorted(before + ["requeue.4242.0"] * requeued_for_hang)
+    if rc == 2:
+        assert r.stderr.strip() == "[train.sbatch] MAX_HANG_REQUEUES=x: expected a whole number"

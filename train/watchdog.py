@@ -15,8 +15,10 @@ gone) stops all of its threads, so its heartbeat goes stale: it cannot fake one.
     the last step, host and place of every rank to <run>/hang/rank<r>.txt (with NCCL also the
     flight recorder), one rank logs one line naming the stalled rank(s) and host(s), and every
     live rank exits with HANG_EXIT_CODE: torchrun --max-restarts restarts the round, which
-    resumes from the newest checkpoint. All ranks alive and at one step (a long evaluation or
-    save, or a hang inside a collective) is left to the collective timeout.
+    resumes from the newest checkpoint; slurm/train.sbatch requeues the job on it; under Submitit
+    the rank that names the hang requeues the job itself first (`claim_hang_requeue`). All ranks
+    alive and at one step (a long evaluation or save, or a hang inside a collective) is left to
+    the collective timeout.
   * Straggler. In DDP every rank steps at the pace of the slowest, so the step time is the same
     everywhere; what differs is the time a rank is busy before the all-reduce (waiting for
     data, the forward pass). Rank 0 reads it from the heartbeats in windows of at least
@@ -35,6 +37,7 @@ import logging
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -57,6 +60,8 @@ TRAIN_TIMEOUT_AFTER_STEPS = 2
 STRAGGLER_WINDOWS = 5  # consecutive windows of at least `log.every` steps and WINDOW_S seconds
 WINDOW_S = 3.0
 ROOT = Path(__file__).resolve().parent.parent
+REQUEUE_ENV = "RESNET_REQUEUE_ON_HANG"  # "1": a hang requeues the SLURM job (slurm/submit.py sets it)
+MAX_HANG_REQUEUES = 3  # default of the env variable of that name
 
 
 @dataclass
@@ -117,6 +122,34 @@ def hang_message(ranks: Sequence[int], why: str, beats: Mapping[int, Beat | None
         head = f"{who} stuck at {last} for {timeout:g} s (dist.hang_timeout_s) while the others reached step {ahead}"
     written = "the other ranks' stacks" + ("" if why == "store" else " and every rank's last step")
     return f"hang: {head}; {written} are in {hang_dir}; exiting with code {HANG_EXIT_CODE} for a restart"
+
+
+def claim_hang_requeue(environ: Mapping[str, str], hang_dir: Path) -> tuple[str, str]:
+    """(SLURM job id to requeue or "", a line to log or "") for a hang, under Submitit.
+
+    Only with RESNET_REQUEUE_ON_HANG=1 and SLURM_JOB_ID set: torchrun restarts on its own, and
+    slurm/train.sbatch's batch shell requeues on 75 itself. At most MAX_HANG_REQUEUES (env, default
+    3) hang requeues per job, counted as files <hang_dir>/requeue.<job>.<SLURM_RESTART_COUNT>
+    (train.sbatch keeps the same ones), not by SLURM_RESTART_COUNT: that also counts the requeues
+    on preemption and time limits, which must not use up the hangs' share. The file is created
+    exclusively: with the store silent every live rank thinks it names the hang, one requeues."""
+    job = environ.get("SLURM_JOB_ID", "")
+    if environ.get(REQUEUE_ENV) != "1" or not job:
+        return "", ""
+    limit = environ.get("MAX_HANG_REQUEUES", str(MAX_HANG_REQUEUES))
+    if not limit.isdigit():
+        return "", f"requeue: not requeueing job {job}: MAX_HANG_REQUEUES={limit!r} is not a whole number"
+    mine = hang_dir / f"requeue.{job}.{environ.get('SLURM_RESTART_COUNT') or 0}"
+    done = len([p for p in hang_dir.glob(f"requeue.{job}.*") if p != mine])
+    if done >= int(limit):
+        return "", (f"requeue: not requeueing job {job}: it was requeued for a hang {done} time(s) already "
+                    f"(MAX_HANG_REQUEUES={limit})")
+    try:
+        mine.open("x").close()
+    except FileExistsError:
+        return "", ""  # another rank of this run requeues
+    return job, (f"requeue: requeueing job {job} after the hang ({done + 1} of MAX_HANG_REQUEUES={limit}); "
+                 "it resumes from the newest checkpoint")
 
 
 def stragglers(windows: Sequence[Mapping[int, float]], ratio: float) -> set[int]:
@@ -400,4 +433,17 @@ class Watchdog:
         sys.stdout.flush()
         sys.stderr.flush()
         time.sleep(2 * HEARTBEAT_S)  # the other live ranks see "hang" and write their stacks too
+        if first:  # under Submitit nothing outside this process sees the exit code: requeue here
+            try:
+                job, note = claim_hang_requeue(os.environ, self.hang_dir)
+                if job:
+                    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+                    if r.returncode:
+                        note = f"requeue: `scontrol requeue {job}` failed: {(r.stderr or r.stdout).strip()}"
+                if note:
+                    log.warning(note)
+            except Exception as e:  # noqa: BLE001 - exit 75 whatever happens
+                log.error("requeue: not requeued: %s", e)
+            for h in logging.getLogger().handlers:
+                h.flush()
         os._exit(HANG_EXIT_CODE)
