@@ -82,7 +82,10 @@ ROWS = [
 ]
 LABELS = dict(ROWS)
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")
-DEMO_BAR = 90.0  # top-1 % the demo must reach after 2 epochs on shapes-10 at full size
+# top-1 % the demo must reach after 2 epochs on shapes-10 at full size. The issue asked >= 90 %, for
+# Fashion-MNIST; shapes-10 is easier: 99.89 % (EMA 99.69 %) measured on the CPU (DALI CPU, bf16, 1 rank,
+# Xeon AMX, 2026-12-06), so the bar sits near what a working path reaches.
+DEMO_BAR = 98.0
 DEMO_BAR_MIN_PER_CLASS = 3000  # below this many train images a class the bar is not applied (CPU CI)
 
 
@@ -97,7 +100,8 @@ class Table:
     reason) and a row not reached as ("skipped", why); `print` happens once, from the main thread at
     the end or from the watchdog when the hard limit comes first."""
 
-    def __init__(self, budget_s: float, hard_s: float, header: str):
+    def __init__(self, budget_s: float, hard_s: float, header: str, out: Path | None = None):
+        self.out = out  # also write the table to `out`/table.txt
         self.rows: dict[str, tuple[str, str]] = {}
         self.t0, self.budget_s, self.hard_s, self.header = time.monotonic(), budget_s, hard_s, header
         self.current: str | None = None
@@ -156,7 +160,12 @@ class Table:
             if self._done:
                 return False
             self._done = True
-        print("\n" + self.text(), flush=True)
+        text = self.text()
+        print("\n" + text, flush=True)
+        if self.out is not None:
+            with contextlib.suppress(OSError):
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "table.txt").write_text(text + "\n")
         return True
 
     def watchdog(self) -> None:
@@ -171,10 +180,10 @@ class Table:
         t.daemon = True
         t.start()
 
-    def spawn(self, cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path = ROOT
+    def spawn(self, cmd: list[str], *, name: str, timeout: float, env: dict | None = None, cwd: Path = ROOT
               ) -> subprocess.CompletedProcess:
         """A child in its own process group (the watchdog and a timeout kill all of it), its
-        timeout cut to what the hard limit leaves."""
+        timeout cut to what the hard limit leaves; its output also goes to `out`/<name>.log."""
         timeout = max(5.0, min(timeout, self.hard_s - self.elapsed() - 20))
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
@@ -188,6 +197,10 @@ class Table:
                                f"{tail(out, 1)}") from None
         finally:
             self.children.remove(p)
+            if self.out is not None:
+                with contextlib.suppress(OSError):
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    (self.out / f"{name}.log").write_text(out or "")
         return subprocess.CompletedProcess(cmd, p.returncode, out, "")
 
 
@@ -467,7 +480,7 @@ def device_row(device: torch.device) -> tuple[str, str]:
 def pytest_row(t: Table, timeout: float) -> tuple[str, str]:
     """`pytest -m gpu` in a child; its summary line and the names of failing tests."""
     r = t.spawn([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                name="pytest", timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)",
                                                        (r.stdout.strip().splitlines() or [""])[-1]))
     failed = [ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
@@ -502,11 +515,11 @@ def demo_row(t: Table, a, dali_version: str | None) -> tuple[str, str]:
            "log.tensorboard=false", f"dist.device={a.device.type}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    first = t.spawn([*cmd, f"train.max_steps={cut}"], timeout=a.demo_timeout, env=env)
+    first = t.spawn([*cmd, f"train.max_steps={cut}"], name="demo-run1", timeout=a.demo_timeout, env=env)
     if first.returncode != 0:
         raise RuntimeError(f"run 1 exit {first.returncode}: {tail(first.stdout)}")
     t1 = time.perf_counter()
-    second = t.spawn(cmd, timeout=a.demo_timeout, env=env)
+    second = t.spawn(cmd, name="demo-run2", timeout=a.demo_timeout, env=env)
     if second.returncode != 0:
         raise RuntimeError(f"run 2 (resume) exit {second.returncode}: {tail(second.stdout)}")
     t2 = time.perf_counter()
@@ -750,8 +763,9 @@ def built_run(cfg, device: torch.device):
 
 def run_steps(run, steps: int, on_flush=None) -> None:
     """train/trainer.py's step loop (train_epoch) for `steps` optimizer steps from where the run
-    stands, epoch after epoch without evaluating or saving; `on_flush(step)` after each metric
-    flush (its host sync: the loop's own reduce), via the monitor's log_train."""
+    stands, epoch after epoch without evaluating or saving. `on_flush(step, when)` at each metric
+    flush, right after its reduction (the loop's one host sync), `when` = "before" and "after" the
+    monitor logs it (through Monitor.log_train, the flush's one call out)."""
     from train.trainer import train_epoch
 
     state = run.state
@@ -759,9 +773,11 @@ def run_steps(run, steps: int, on_flush=None) -> None:
     log_train = run.monitor.log_train
 
     def hooked(st, metrics):
+        if on_flush is not None:
+            on_flush(st.step, "before")
         log_train(st, metrics)
         if on_flush is not None:
-            on_flush(st.step)
+            on_flush(st.step, "after")
     run.monitor.log_train = hooked
     try:
         while True:
@@ -781,10 +797,10 @@ def throughput(a, loader: str, *, amp: str = "auto", compiled: bool = False) -> 
     marks: dict[int, float] = {}
     with built_run(cfg, a.device) as run:
         t0 = time.perf_counter()
-        run_steps(run, a.warmup + a.steps, on_flush=lambda step: marks.setdefault(step, time.perf_counter()))
+        run_steps(run, a.warmup + a.steps, on_flush=lambda step, when: marks.setdefault(step, time.perf_counter()))
         rate = a.steps * run.plan.global_batch / (marks[a.warmup + a.steps] - marks[a.warmup])
         t_warm = marks[a.warmup] - t0
-        mem = peak_memory(a.device)
+        mem = max(peak_memory(a.device), run.monitor.peak_memory_gib)  # the monitor resets CUDA's peak
         chosen = run.plan.amp
     a.peaks.append((mem, f"{loader}{' compiled' if compiled else ''} amp {chosen}"))
     return (f"{rate:,.0f} img/s",
@@ -843,10 +859,10 @@ def count_syncs(cfg, device: torch.device, window: int = 4) -> tuple[list, list]
     cfg.log = dataclasses.replace(cfg.log, every=window)
     counter = SyncDebugCounter() if device.type == "cuda" else DispatchCounter()
 
-    def on_flush(step):
-        if step == 2 * window:  # after two windows of warmup (cudnn autotuning, loader start)
+    def on_flush(step, when):  # from after flush 2's logging to flush 3's reduction: `window` steps
+        if (step, when) == (2 * window, "after"):  # two windows of warmup: cudnn autotuning, loader start
             counter.start()
-        elif step == 3 * window:
+        elif (step, when) == (3 * window, "before"):
             counter.stop()
     with built_run(cfg, device) as run:
         try:
@@ -961,6 +977,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="decode processes/threads")
     p.add_argument("--rows", default="", help="comma-separated row keys to run (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--out", help="also write the table to OUT/table.txt (on the device: $OUT)")
     p.add_argument("--stage", metavar="DIR", help="stage the wheels for the device into DIR here and exit")
     for k, (gpu, _) in DEFAULTS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(gpu), default=None, help=f"default {gpu} on cuda")
@@ -980,8 +997,8 @@ def stage_main(out: Path) -> None:
         rel = part.relative_to(ROOT) if part.is_relative_to(ROOT) else part
         cmd = f"mkdir -p /tmp/gpuw && cp {rel}/* /tmp/gpuw/ && "
         cmd += ("ls -la /tmp/gpuw" if i < len(parts) else
-                "python3 benchmarks/gpu.py --wheels /tmp/gpuw  (timeout_s 600)")
-        print(f"  call {i}: carry [\"{rel}\"]  command: {cmd}")
+                'python3 benchmarks/gpu.py --wheels /tmp/gpuw --out "$OUT" 2> "$OUT/progress.log"')
+        print(f"  call {i}: carry [\"{rel}\"]  timeout_s {600 if i == len(parts) else 120}  command: {cmd}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -996,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     logging.getLogger("resnet").setLevel(logging.WARNING)
     header = f"benchmarks/gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}"
-    t = Table(a.budget, a.hard_limit, header)
+    t = Table(a.budget, a.hard_limit, header, Path(a.out) if a.out else None)
     t.watchdog()
     selected = set(filter(None, a.rows.split(",")))
     unknown = selected - set(LABELS)
