@@ -854,8 +854,10 @@ def count_syncs(cfg, device: torch.device, window: int = 4) -> tuple[list, list]
     """Host syncs between two metric flushes of train/trainer.py's step loop for `cfg` (one rank):
     (those in the `window` steps, those in the flush that ends them: its reduction is the loop's
     one intended sync). Each hit is (file, line, function). On CUDA, set_sync_debug_mode("warn")
-    warns on each synchronizing call; on the CPU, where nothing syncs, aten._local_scalar_dense
-    (item/bool of a tensor) stands in: what would sync on CUDA."""
+    warns on each synchronizing call, the loader's included (a sync there stalls the host as
+    well). On the CPU, where nothing syncs, aten._local_scalar_dense (item/bool of a tensor)
+    outside the loader stands in (the loader's host-side decode reads CPU tensors by design;
+    tests/test_host_sync.py is the full CPU guard)."""
     cfg.log = dataclasses.replace(cfg.log, every=window)
     counter = SyncDebugCounter() if device.type == "cuda" else DispatchCounter()
 
@@ -865,6 +867,8 @@ def count_syncs(cfg, device: torch.device, window: int = 4) -> tuple[list, list]
         elif (step, when) == (3 * window, "before"):
             counter.stop()
     with built_run(cfg, device) as run:
+        if device.type == "cpu":
+            run.train_loader = PausingLoader(run.train_loader, counter)
         try:
             run_steps(run, 4 * window, on_flush=on_flush)
         finally:
@@ -930,16 +934,19 @@ class SyncDebugCounter:
 
 
 class DispatchCounter:
-    """The CPU stand-in: aten._local_scalar_dense calls between start and stop (this thread)."""
+    """The CPU stand-in: aten._local_scalar_dense calls between start and stop (this thread),
+    except while `paused`."""
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         hits = self.hits = []
+        self.paused = False
+        counter = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._local_scalar_dense.default:
+                if func is torch.ops.aten._local_scalar_dense.default and not counter.paused:
                     frame = next((f for f in reversed(traceback.extract_stack()[:-1])
                                   if f"{os.sep}torch{os.sep}" not in f.filename), None)
                     hits.append((Path(frame.filename).name, frame.lineno, frame.name) if frame else ("?", 0, "?"))
@@ -954,6 +961,28 @@ class DispatchCounter:
         if self.on:
             self.mode.__exit__(None, None, None)
             self.on = False
+
+
+class PausingLoader:
+    """The train loader with the CPU counter paused while it makes a batch."""
+
+    def __init__(self, loader, counter: DispatchCounter):
+        self.loader, self.counter = loader, counter
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            self.counter.paused = True
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.counter.paused = False
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 # -- the call -------------------------------------------------------------------------------------
@@ -979,6 +1008,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--out", help="also write the table to OUT/table.txt (on the device: $OUT)")
     p.add_argument("--stage", metavar="DIR", help="stage the wheels for the device into DIR here and exit")
+    p.add_argument("--python", default="3.12", help="--stage: the device's Python version")
     for k, (gpu, _) in DEFAULTS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(gpu), default=None, help=f"default {gpu} on cuda")
     a = p.parse_args(argv)
@@ -989,8 +1019,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def stage_main(out: Path) -> None:
-    parts = stage(out)
+def stage_main(out: Path, python: str) -> None:
+    parts = stage(out, python)
     size = sum(f.stat().st_size for p in parts for f in p.iterdir())
     print(f"staged {len(parts)} parts under {out} ({size / 2**20:.0f} MiB); device calls, back to back:")
     for i, part in enumerate(parts, 1):
@@ -1004,7 +1034,7 @@ def stage_main(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.stage:
-        stage_main(Path(a.stage).resolve())
+        stage_main(Path(a.stage).resolve(), a.python)
         return 0
     a.device = torch.device(a.device)
     a.peaks = []

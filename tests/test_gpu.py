@@ -152,15 +152,19 @@ def test_resume_from_async_checkpoint_is_bitwise_on_gpu(tmp_path, tiny_data, loa
     assert unequal == [], f"{len(unequal)} of {len(full)} tensors differ, e.g. {unequal[:3]}"
 
 
-def test_no_host_sync_between_flushes_on_gpu(tmp_path, tiny_data, loader, monkeypatch):
+def sync_config(tmp_path, data, loader: str, device: str, amp: str = "bf16"):
+    """The tiny recipe with EMA, MixUp/CutMix and 2 micro-batches per step, for count_syncs."""
     from train import config as config_lib
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cfg = config_lib.load(str(write_config(tmp_path, tiny_data)), [
-        f"data.loader={loader}", "dist.device=cuda", "train.amp=bf16", "train.deterministic=false",
+    return config_lib.load(str(write_config(tmp_path, data)), [
+        f"data.loader={loader}", f"dist.device={device}", f"train.amp={amp}", "train.deterministic=false",
         "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "optim.ema_decay=0.999", "optim.accumulate=2",
         "data.batch_size=4", "log.tensorboard=false", "log.progress=off", "train.resume=off"])
-    in_step, in_flush = count_syncs(cfg, CUDA, window=3)
+
+
+def test_no_host_sync_between_flushes_on_gpu(tmp_path, tiny_data, loader, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    in_step, in_flush = count_syncs(sync_config(tmp_path, tiny_data, loader, "cuda"), CUDA, window=3)
     assert in_step == [], f"{len(in_step)} host syncs in 3 steps: {in_step[:5]}"
     assert 1 <= len(in_flush) <= 3  # the flush's reduction: the loop's one intended sync
 

@@ -172,6 +172,9 @@ def test_gpu_test_helpers_on_the_cpu(tmp_path, tiny_data, monkeypatch):
     losses = {amp: test_gpu.amp_losses(amp, torch.device("cpu"), steps=3) for amp in ("off", "bf16")}
     assert losses["off"].shape == (3,) and (losses["bf16"] - losses["off"]).abs().max() <= 0.05
     assert test_gpu.cuda_state_after_cpu_run(tmp_path, tiny_data) == {"initialized": False, "contexts": None}
+    in_step, in_flush = gpu.count_syncs(test_gpu.sync_config(tmp_path, tiny_data, "torch", "cpu", amp="off"),
+                                        torch.device("cpu"), window=3)
+    assert in_step == [] and in_flush == []  # on the CPU: item/bool calls; the flush's tolist is not one
     pytest.importorskip("nvidia.dali")
     gpu.make_jpegs(tmp_path / "jpegs", "imagenet", classes=3, train_per_class=8, val_per_class=4)
     a, b = (test_gpu.dali_batches(tmp_path / "jpegs", "cpu", torch.device("cpu")) for _ in range(2))
