@@ -388,7 +388,7 @@ class _HashingWriter(dcp.FileSystemWriter):
         super().__init__(path, **({} if device.type == "cuda" else {"per_thread_copy_ahead": 0}))
         self.files: dict[str, dict[str, Any]] = {}
 
-    def write_data(self, plan, planner) -> Future:
+    def write_data(self, plan, planner) -> torch.futures.Future:
         fut = super().write_data(plan, planner)
         for result in fut.wait():  # FileSystemWriter writes synchronously: the future is done
             name = result.storage_data.relative_path
