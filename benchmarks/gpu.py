@@ -498,7 +498,7 @@ def demo_row(t: Table, a, dali_version: str | None) -> tuple[str, str]:
     DALI loader (GPU decoding on CUDA), amp auto, EMA, global batch 256 (2 micro-batches of 128 on
     one GPU), an async checkpoint mid-epoch 2 (train.max_steps), then a resume to the end."""
     make_jpegs(a.work / "shapes10", "shapes", classes=10, train_per_class=a.demo_train, val_per_class=a.demo_val,
-                      workers=a.workers)
+               workers=a.workers)
     runs = a.work / "runs"
     shutil.rmtree(runs / "demo", ignore_errors=True)
     ranks = max(1, min(2, torch.cuda.device_count())) if a.device.type == "cuda" else 1
@@ -552,10 +552,10 @@ def _syncbn_rank(rank: int, world: int, port: int, backend: str, cuda: bool, mod
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         import datetime
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
         if cuda:
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device)  # before the group: NCCL's barrier uses the current device
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         out = {"agree": syncbn_agreement(rank, world, device), **syncbn_cost(device, model, batch, size, steps)}
         queue.put((rank, out, None))
     except BaseException:  # noqa: BLE001 - reported by the parent
