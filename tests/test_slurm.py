@@ -11,11 +11,13 @@ request SLURM cannot satisfy fails in slurm/submit.py with one line, nothing que
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -690,3 +692,112 @@ def test_sbatch_requeues_a_hang_at_most_max_hang_requeues_times(tmp_path, codes,
     assert sorted(p.name for p in hang.iterdir()) == sorted(before + ["requeue.4242.0"] * requeued_for_hang)
     if rc == 2:
         assert r.stderr.strip() == "[train.sbatch] MAX_HANG_REQUEUES=x: expected a whole number"
+
+
+HANG_KEYS = ("checkpoint.every_steps=20", "dist.hang_timeout_s=10", "dist.train_timeout_s=60")
+
+
+def task_pid(argv_has: str, env_has: tuple[str, ...]) -> int | None:
+    """The pid of the Python process whose command line holds `argv_has` and whose environment
+    holds every `env_has` entry (e.g. RANK=1), or None."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            argv = (environ.parent / "cmdline").read_bytes().split(b"\0")
+            env = set(environ.read_bytes().split(b"\0"))
+        except OSError:  # gone meanwhile
+            continue
+        if "python" in Path(argv[0].decode()).name and argv_has.encode() in argv and \
+                all(e.encode() in env for e in env_has):
+            return int(environ.parent.name)
+    return None
+
+
+def stop_rank_after_a_checkpoint(run: Path, log: Path, argv_has: str, env_has: tuple[str, ...]) -> tuple[int, int]:
+    """SIGSTOP the rank once step_40 is complete; wait for the hang line; (pid, newest checkpoint
+    at the stop). Asserts the line names that pid within dist.hang_timeout_s + 10 s."""
+    from train.checkpoint import complete
+
+    def done() -> list[int]:
+        return [s for s in checkpoint_steps(run) if complete(run / f"checkpoints/step_{s}")]
+
+    wait_for(lambda: done() and done()[-1] >= 40, 120, "step_40", poll=0.05)
+    pid = wait_for(lambda: task_pid(argv_has, env_has), 10, "the rank's process", poll=0.05)
+    os.kill(pid, signal.SIGSTOP)
+    t_stop, newest = time.monotonic(), done()[-1]
+    m = wait_for(lambda: re.search(r"hang: rank 1 on (\S+) \(pid (\d+)\) sent no heartbeat", read(log)), 40,
+                 "the hang line")
+    assert time.monotonic() - t_stop <= 10 + 10, read(log)[-3000:]
+    assert m.groups() == (socket.gethostname(), str(pid))
+    return pid, newest
+
+
+def assert_resumed_after_the_hang(run: Path, text: str, job: str, newest: int) -> None:
+    assert len(re.findall(r"hang: rank 1 on ", text)) == 1, text[-4000:]
+    assert sorted(p.name for p in (run / "hang").glob("requeue.*")) == [f"requeue.{job}.0"]
+    m = re.search(r"resumed from \S+step_(\d+): epoch 1, step (\d+)", text)
+    assert m and newest <= int(m.group(1)) == int(m.group(2)) < PREEMPT_STEPS, text[-4000:]
+    assert summary(run)["steps"] == PREEMPT_STEPS and summary(run)["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_sbatch_hang_requeues_once_and_matches(cluster, reference, tmp_path):
+    """train.sbatch, rank 1 SIGSTOPped after a checkpoint: rank 0 names it and exits 75, torchrun
+    kills the stopped one, the node reports 75, the batch shell requeues once; the rerun resumes
+    and ends with the uninterrupted run's weights, bit for bit."""
+    cfg = tiny_config(tmp_path, steps=PREEMPT_STEPS)
+    log = tmp_path / "sbatch-hang.out"
+    env = {**os.environ, **JOB_ENV, "CONFIG": str(cfg), "GPUS": "2", "PYTHON": sys.executable,
+           "RDZV_PORT": str(free_port())}
+    r = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
+                        "--time=10", "slurm/train.sbatch", "log.name=hsb", *HANG_KEYS],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    run = tmp_path / "runs/hsb"
+    pid = None
+    try:
+        pid, newest = stop_rank_after_a_checkpoint(run, log, "train/main.py", ("RANK=1", f"SLURM_JOB_ID={job}"))
+        info = wait_done(job, log, timeout=240)
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    host = socket.gethostname().split(".")[0]
+    assert f"[train.sbatch] {host}: 1 of 2 workers named a hang and exited with code 75" in text
+    assert (f"[train.sbatch] a rank hung (exit 75): requeueing job {job} (1 of MAX_HANG_REQUEUES=3); it resumes "
+            "from the newest checkpoint") in text
+    assert "restart 1:" in text and "training exited with code 0" in text
+    assert_resumed_after_the_hang(run, text, job, newest)
+    assert_same_weights(reference, run)
+
+
+@pytest.mark.slow
+def test_submitit_hang_requeues_once_and_matches(cluster, reference, tmp_path):
+    """submit.py, task 1 SIGSTOPped after a checkpoint: rank 0 names it and runs `scontrol requeue`
+    before exiting 75; SLURM kills the tasks and reruns the same pickled Trainer
+    (train.resume=auto), which ends with the uninterrupted run's weights, bit for bit."""
+    cfg = tiny_config(tmp_path, steps=PREEMPT_STEPS)
+    job, _ = submit(cfg, "log.name=hsi", *HANG_KEYS)
+    run = tmp_path / "runs/hsi"
+    log = run / "slurm" / job / f"{job}_0_log.out"
+    pid = None
+    try:
+        pid, newest = stop_rank_after_a_checkpoint(run, log, "submitit.core._submit",
+                                                   ("SLURM_PROCID=1", f"SLURM_JOB_ID={job}"))
+        info = wait_done(job, log, timeout=240)
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert (f"requeue: requeueing job {job} after the hang (1 of MAX_HANG_REQUEUES=3); it resumes from the newest "
+            "checkpoint") in text
+    assert re.findall(r"restart (\d), OMP_NUM_THREADS=1,", text) == ["0", "1"], text[-4000:]
+    assert_resumed_after_the_hang(run, text, job, newest)
+    assert_same_weights(reference, run)
+    with open(run / "slurm" / job / f"{job}_0_result.pkl", "rb") as f:  # the rerun's result
+        status, result = pickle.load(f)
+    assert status == "success" and result["steps"] == PREEMPT_STEPS
