@@ -478,6 +478,8 @@ def load_config(args: argparse.Namespace, extra: list[str] = (), point: str = ""
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    if not os.environ.get("MAX_HANG_REQUEUES", "3").isdigit():  # the tasks inherit it (see the docstring)
+        fail(f"MAX_HANG_REQUEUES={os.environ['MAX_HANG_REQUEUES']!r}: expected a whole number (hang requeues per job)")
     if args.sweep:
         return main_sweep(args)
     cfg = load_config(args)

@@ -801,3 +801,12 @@ def test_submitit_hang_requeues_once_and_matches(cluster, reference, tmp_path):
     with open(run / "slurm" / job / f"{job}_0_result.pkl", "rb") as f:  # the rerun's result
         status, result = pickle.load(f)
     assert status == "success" and result["steps"] == PREEMPT_STEPS
+
+
+def test_a_bad_max_hang_requeues_fails_at_submission(tmp_path):
+    """Needs no cluster: the tasks inherit MAX_HANG_REQUEUES from the submitting shell; a value the
+    watchdog could not use is one line here, nothing queued."""
+    env, calls = fake_sbatch(tmp_path)
+    r = run_submit(tiny_config(tmp_path, steps=10), env={**env, "MAX_HANG_REQUEUES": "three"})
+    assert_one_error_line(r, "error: MAX_HANG_REQUEUES='three': expected a whole number (hang requeues per job)")
+    assert not calls.exists() and not (tmp_path / "runs").exists()
