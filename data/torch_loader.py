@@ -9,6 +9,7 @@ number of workers, the world size or where the run was resumed.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -126,6 +127,7 @@ class TorchTrainLoader(DeviceBatches):
     def __init__(self, sampler: GlobalBatchSampler, **kw):
         super().__init__(**kw)
         self.sampler = sampler
+        self.split = self.loader.dataset.split  # what train/hardware.py's decode probe reads
         self.num_samples = sampler.n
         self.steps_per_epoch = sampler.steps_per_epoch
 
@@ -152,6 +154,25 @@ def _common(cfg, info: RankInfo, channels_last: bool) -> tuple[dict, dict]:
     mean, std = folder.normalisation(cfg)
     return (dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=pin, persistent_workers=cfg.workers > 0),
             dict(device=info.device, mean=mean, std=std, channels_last=channels_last))
+
+
+def decode_seconds(cfg, split: folder.Split, samples: int = 8) -> float:
+    """CPU seconds one worker takes to read, decode and augment one training sample at
+    `cfg.train_crop`: the mean over `samples` spread over the split after a warm-up, on one thread
+    as in a worker. train/hardware.py weighs it against the step to split the rank's cores. DALI's
+    CPU decoding of the same samples is cheaper (1.75x the torch loader's rate): an upper bound."""
+    dataset = ImageFolderDataset(split, functools.partial(train_transform, cfg), cfg.random_erasing)
+    picks = np.linspace(0, len(split) - 1, samples + 1).astype(int)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset[(int(picks[0]), 0, cfg.train_crop)]
+        t0 = time.perf_counter()
+        for i in picks[1:]:
+            dataset[(int(i), int(i), cfg.train_crop)]
+        return (time.perf_counter() - t0) / samples
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build(cfg, info: RankInfo, *, seed: int, channels_last: bool, batch: int | None = None):

@@ -5,6 +5,7 @@ on whatever CPU runs the tests."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,13 +90,121 @@ def test_cuda_decision_by_compute_capability(capability, amp):
     assert hardware.cuda_amp(capability)[0] == amp  # V100, T4 | A100, L4, H100
 
 
-def test_threads_are_the_rank_share_less_loader_workers():
-    assert hardware.cpu_threads(0, cpus=2, sharing=2, loader_workers=0) == 1  # the demo: 2 ranks, 2 cores
-    assert hardware.cpu_threads(0, cpus=2, sharing=1, loader_workers=0) == 2
-    assert hardware.cpu_threads(0, cpus=96, sharing=8, loader_workers=8) == 4  # 8 GPUs, 8 decode workers each
-    assert hardware.cpu_threads(0, cpus=12, sharing=1, loader_workers=8) == 4  # bound to its own 12 CPUs
-    assert hardware.cpu_threads(0, cpus=4, sharing=4, loader_workers=2) == 1  # never 0
-    assert hardware.cpu_threads(3, cpus=64, sharing=1, loader_workers=0) == 3  # dist.cpu_threads wins
+def test_share_of_the_cpus_and_the_gpu_rule():
+    assert hardware.cpu_share(2, 2) == 1  # the demo: 2 ranks, 2 cores
+    assert hardware.cpu_share(2, 1) == 2
+    assert hardware.cpu_share(96, 8) == 12
+    assert hardware.cpu_share(2, 4) == 1  # never 0
+    assert hardware.accelerator_threads(12, 8) == 4  # 8 GPUs on 96 CPUs, 8 decode workers each
+    assert hardware.accelerator_threads(4, 8) == 1
+
+
+# probe timings as measured on the 2-core Xeon (docs/cpu.md), injected
+RESNET18_FP32 = {1: 3.30, 2: 1.66}  # s per forward/backward, batch 32, 224 px; decode 1.3 ms/image
+RESNET20_32PX = {1: 0.204, 2: 0.131}  # batch 128, bf16; decode 0.87 ms/image
+
+
+def test_compute_bound_step_takes_all_cores_beside_idle_workers():
+    threads, why = hardware.split_threads(2, 2, RESNET18_FP32, decode=32 * 0.0013)
+    assert threads == 2
+    assert why == ("all 2 CPUs compute beside 2 mostly idle decode workers (probe: 1 thread 3300 ms, 2 threads "
+                   "1660 ms per forward/backward; decode 42 ms per batch per worker, 1% of a step on 2 cores)")
+
+
+def test_decode_heavy_step_leaves_cores_to_the_workers():
+    threads, why = hardware.split_threads(2, 2, RESNET20_32PX, decode=128 * 0.00087)
+    assert threads == 1
+    assert why.startswith("1 of 2 CPUs compute, 1 decode (2 workers), est. 204 ms per step (")
+    assert "decode 111 ms per batch per worker, 43% of a step on 2 cores" in why
+
+
+def test_split_finishes_compute_and_decode_together_on_many_cores():
+    # 16 CPUs, 8 workers, compute scales perfectly (1.6 s -> 0.1 s), decode 2.4 s per batch per worker:
+    # t threads leave 16 - t cores (at most 8 used); max(1.6 / t, 2.4 / min(8, 16 - t)) is least at t = 8
+    threads, why = hardware.split_threads(16, 8, {1: 1.6, 16: 0.1}, decode=2.4)
+    assert threads == 8 and why.startswith("8 of 16 CPUs compute, 8 decode (8 workers), est. 300 ms per step")
+    # compute-bound there: all 16 threads beside the 8 workers
+    assert hardware.split_threads(16, 8, {1: 1.6, 16: 0.1}, decode=0.05)[0] == 16
+
+
+def test_threads_that_do_not_help_are_not_taken():
+    # a loaded machine: 2 threads slower than 1 (the other jobs hold the second core): 1 thread, even
+    # though decode is cheap
+    assert hardware.split_threads(2, 2, {1: 1.0, 2: 1.2}, decode=0.01)[0] == 1
+
+
+def test_nothing_to_split():
+    assert hardware.split_threads(2, 0, {}, decode=0.0) == (2, "all 2 CPU(s) of the rank's share compute "
+                                                                "(no decode workers beside it)")
+    assert hardware.split_threads(1, 2, {}, decode=0.0)[0] == 1
+
+
+class FakeSplit:
+    pass
+
+
+def run_choose(monkeypatch, overrides=(), env=None, step=RESNET20_32PX, decode=0.00087, share=2, loadavg=0.0):
+    """hardware.choose on a 2-CPU share with the probes replaced by the given timings; returns
+    (threads, number of probe runs, log lines)."""
+    from types import SimpleNamespace
+
+    import data.torch_loader
+    from train.config import load
+
+    calls = []
+
+    def probe_threads(model, batch, crop, channels_last, amp, counts):
+        calls.append(counts)
+        return dict(step)
+
+    monkeypatch.setattr(hardware, "probe_threads", probe_threads)
+    monkeypatch.setattr(data.torch_loader, "decode_seconds", lambda cfg, split: decode)
+    monkeypatch.setattr(hardware, "_share", lambda info: share)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (loadavg,) * 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    cfg = load(None, ["data.workers=2", "train.amp=off", *overrides], check_data=False)
+    info = SimpleNamespace(device=CPU, world_size=1, local_rank=0, local_world_size=1)
+    loader = SimpleNamespace(split=FakeSplit())
+    before = torch.get_num_threads()
+    try:
+        _, threads = hardware.choose(cfg, info, torch.nn.Linear(2, 2), 128, loader)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    return threads, len(calls)
+
+
+def test_choose_probes_once_and_caches(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="resnet")
+    assert run_choose(monkeypatch) == (1, 1)
+    assert run_choose(monkeypatch) == (1, 0)  # cached: no probe
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("threads ")]
+    assert lines[0].startswith("threads 1: 1 of 2 CPUs compute, 1 decode (2 workers)")
+    assert lines[1].endswith(f"[cached in {hardware.cache_path().with_name('threads.json')}]")
+    cached = json.loads(hardware.cache_path().with_name("threads.json").read_text())
+    (key,) = cached
+    assert "|batch 128|" in key and "|amp off|torch x2|share 2|" in key
+    assert cached[key] == {"step_1": 0.204, "step_share": 0.131, "decode": 128 * 0.00087}
+    # another regime is another measurement: compute-bound, all cores
+    assert run_choose(monkeypatch, ["model.name=resnet18"], step=RESNET18_FP32, decode=0.0013) == (2, 1)
+
+
+def test_a_probe_on_a_busy_machine_decides_this_run_only(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="resnet")
+    assert run_choose(monkeypatch, loadavg=50.0) == (1, 1)
+    assert caplog.records[-1].getMessage().endswith("[not cached: load average 50.0 on "
+                                                    f"{len(os.sched_getaffinity(0))} CPUs]")
+    assert run_choose(monkeypatch, loadavg=50.0) == (1, 1)  # measured again
+    assert not hardware.cache_path().with_name("threads.json").exists()
+
+
+def test_the_user_and_the_config_win_without_a_probe(monkeypatch):
+    assert run_choose(monkeypatch, ["dist.cpu_threads=2"]) == (2, 0)
+    assert run_choose(monkeypatch, env={"OMP_NUM_THREADS": "2"}) == (2, 0)
+    assert run_choose(monkeypatch, ["data.workers=0"]) == (2, 0)  # decoding between steps: all cores
+    assert run_choose(monkeypatch, share=1) == (1, 0)
 
 
 def test_probe_times_both_dtypes_and_leaves_the_model_alone():

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,17 +188,204 @@ def allow_tf32() -> None:
 
 # -- threads --------------------------------------------------------------------------------------
 
+BUSY_MAX = 0.10  # decode may occupy the cores this share of a step before compute gives cores up
 
-def cpu_threads(requested: int, *, cpus: int, sharing: int, loader_workers: int) -> int:
-    """Intra-op threads of one rank: `requested`, or its share of the CPUs it may run on.
 
-    torchrun sets OMP_NUM_THREADS=1 whenever it starts several processes per node, which leaves
-    all but one core per rank idle when ranks have more. The share is this rank's affinity mask
-    (`cpus` CPUs) split between the `sharing` ranks of the node whose masks overlap it (1 once
-    torchrun --numa-binding or slurm/binding.py gave each rank its own CPUs), less the decode
-    worker processes (torch loader) that run beside each rank, so that the two do not fight
-    over cores (OpenMP threads spin on a busy core).
+def cpu_share(cpus: int, sharing: int) -> int:
+    """This rank's CPUs: its affinity mask (`cpus` CPUs) split between the `sharing` ranks of the
+    node whose masks overlap it (1 once torchrun --numa-binding or slurm/binding.py gave each rank
+    its own CPUs). torchrun's OMP_NUM_THREADS=1 for several processes per node would leave the
+    rest of the share idle."""
+    return max(1, cpus // max(1, sharing))
+
+
+def accelerator_threads(share: int, loader_workers: int) -> int:
+    """On a GPU, the share less the decode workers beside the rank (the torch loader's processes),
+    so that they do not fight over cores. Intra-op threads matter little there: the GPU computes,
+    and the CPU only launches kernels and decodes (DALI decodes on the GPU)."""
+    return max(1, share - loader_workers)
+
+
+def split_threads(share: int, workers: int, step: dict[int, float], decode: float) -> tuple[int, str]:
+    """(intra-op threads, why) for a CPU rank with `share` CPUs and `workers` decode workers on
+    them (torch loader processes or DALI CPU threads). `step[1]` and `step[share]`: seconds of one
+    forward/backward at 1 and at `share` threads; `decode`: CPU seconds one worker takes to decode
+    and augment one batch.
+
+    All of the share computes while the workers would keep the cores busy for at most BUSY_MAX of a
+    step (mostly idle workers rarely interrupt the intra-op threads): resnet18 at 224 px trains 2x
+    faster on 2 threads than on 1 beside 2 torch workers that decode ~1 % of a step. Beyond it,
+    compute and decode get cores of their own, split so that they finish together: where workers
+    share the compute cores for much of a step, each interrupted thread holds up the others at
+    every op (resnet20 at 32 px from 500x375 JPEGs, decode ~40 % of a step: 2 threads trained 3x
+    slower than 1, with the workers niced or OpenMP's spin shortened alike; docs/cpu.md).
     """
-    if requested > 0:
-        return requested
-    return max(1, cpus // max(1, sharing) - loader_workers)
+    if workers == 0 or share == 1:
+        why = "no decode workers beside it" if workers == 0 else "one CPU"
+        return share, f"all {share} CPU(s) of the rank's share compute ({why})"
+    c1, cn = step[1], step[share]
+    cores = min(workers, share)
+    busy = decode / cores / cn
+    numbers = (f"probe: 1 thread {1e3 * c1:.0f} ms, {share} threads {1e3 * cn:.0f} ms per forward/backward; "
+               f"decode {1e3 * decode:.0f} ms per batch per worker, {busy:.0%} of a step on {cores} cores")
+    if busy <= BUSY_MAX and cn < c1:
+        return share, f"all {share} CPUs compute beside {workers} mostly idle decode workers ({numbers})"
+    # Amdahl's serial fraction from the two timings gives the step at t threads
+    serial = min(1.0, max(0.0, (cn / c1 - 1 / share) / (1 - 1 / share)))
+    est = {t: max(c1 * (serial + (1 - serial) / t), decode / min(workers, share - t)) for t in range(1, share)}
+    threads = min(est, key=lambda t: (est[t], -t))  # a tie: decode is the limit, compute keeps the margin
+    return threads, (f"{threads} of {share} CPUs compute, {share - threads} decode ({workers} workers), "
+                     f"est. {1e3 * est[threads]:.0f} ms per step ({numbers})")
+
+
+def probe_threads(model: nn.Module, batch: int, crop: int, channels_last: bool, amp: str,
+                  counts: tuple[int, ...], budget_s: float = 2.0) -> dict[int, float]:
+    """Seconds of one forward/backward of a copy of `model` at each thread count in `counts` (best
+    of the rounds that fit in `budget_s` per count after a warm-up, interleaved)."""
+    model = copy.deepcopy(model).train()
+    x = torch.randn(batch, 3, crop, crop)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    times: dict[int, list[float]] = {t: [] for t in counts}
+    try:
+        for i in range(8):
+            for t in counts:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+                    out = model(x)
+                out.float().sum().backward()
+                if i:  # the first round is the warm-up (oneDNN builds its kernels)
+                    times[t].append(time.perf_counter() - t0)
+            if i and sum(min(v) for v in times.values()) * (i + 1) > budget_s * len(counts):
+                break
+    finally:
+        torch.set_num_threads(before)
+    return {t: min(v) for t, v in times.items()}
+
+
+def _cached(name: str, key: str, measure: Callable[[], dict], write: bool) -> tuple[dict, bool]:
+    """(the measurement of `key`, whether it was measured now) from ~/.cache/resnet-train/<name>.json;
+    `write`: keep a new measurement there."""
+    path = cache_path().with_name(f"{name}.json")
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key], False
+    value = measure()
+    if write:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            known[key] = value
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+        except OSError as e:  # a read-only home is no reason to stop
+            log.warning("could not cache the %s probe in %s: %s", name, path, e)
+    return value, True
+
+
+# -- the run's choice: threads and amp, once -------------------------------------------------------
+
+
+def _share(info) -> int:
+    """This rank's share of its affinity mask among the ranks of its node whose masks overlap it."""
+    mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    masks = [(socket.gethostname(), mask)]
+    if torch.distributed.is_initialized() and info.world_size > 1:
+        masks = [None] * info.world_size
+        torch.distributed.all_gather_object(masks, (socket.gethostname(), mask))
+    sharing = sum(host == socket.gethostname() and bool(m & mask) for host, m in masks)
+    return cpu_share(len(mask), sharing)
+
+
+def _decode_workers(cfg, device: torch.device) -> int:
+    """Decode workers on the rank's CPUs: the torch loader's processes, DALI's threads where DALI
+    decodes on the CPU (on the GPU they mostly wait for it); none for synthetic data."""
+    dali_cpu = cfg.data.loader == "dali" and (device.type == "cpu" or cfg.data.dali_device == "cpu")
+    return cfg.data.workers if cfg.data.loader == "torch" or dali_cpu else 0
+
+
+def _mean_over_ranks(info) -> Callable[[list[float]], list[float]]:
+    from train.distributed import all_reduce_sum
+
+    def mean(values: list[float]) -> list[float]:
+        t = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=info.device))
+        return (t / info.world_size).tolist()
+    return mean
+
+
+def _train_split(loader):
+    """The `data.folder.Split` a train loader reads (through MixLoader's `.loader`), or None."""
+    while loader is not None and not hasattr(loader, "split"):
+        loader = getattr(loader, "loader", None)
+    return getattr(loader, "split", None)
+
+
+def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, int]:
+    """(amp, intra-op threads) of this rank, each logged in one line; `model` is the bare module,
+    `batch` the micro-batch, `train_loader` the loader whose samples the decode probe times
+    (synthetic data has none: nothing to decode).
+
+    Threads are decided here only: `dist.cpu_threads`, then an exported OMP_NUM_THREADS other than
+    torchrun's 1, win; else the rank's share (`cpu_share`), on a GPU less its torch decode workers
+    (`accelerator_threads`), on the CPU split by a probe (`split_threads`) cached like the amp one.
+    Every rank averages the probes' timings with the others, so all ranks choose alike.
+    """
+    user = os.environ.get("OMP_NUM_THREADS", "1")
+    split = _train_split(train_loader)
+    workers = _decode_workers(cfg, info.device) if split is not None else 0
+    reduce = _mean_over_ranks(info)
+    share = _share(info)  # collective: every rank calls it
+    fixed = cfg.dist.cpu_threads or (int(user) if user != "1" else 0)
+    threads = fixed or (share if info.device.type == "cpu" else accelerator_threads(share, workers))
+    torch.set_num_threads(threads)
+    log.info("%s", machine_header(info.device))
+
+    key = (f"{cfg.model.name}|batch {batch}|crop {cfg.data.train_crop}|channels_last "
+           f"{cfg.model.channels_last}|threads {threads}|ranks/node {info.local_world_size}")
+    amp, why = choose_amp(cfg.train.amp, info.device, key=key, reduce=reduce, write_cache=info.local_rank == 0,
+                          measure=lambda: probe(model, batch, cfg.data.train_crop, cfg.model.channels_last))
+    if info.device.type == "cuda":
+        allow_tf32()
+    log.info("amp %s: %s", amp, why)
+
+    if fixed:
+        why = "dist.cpu_threads" if cfg.dist.cpu_threads else "OMP_NUM_THREADS"
+        log.info("threads %d: set by %s", threads, why)
+    elif info.device.type != "cpu":
+        log.info("threads %d: the rank's %d CPUs less %d decode workers (the GPU computes)", threads, share, workers)
+    else:
+        cpu = cpu_info()
+        counts = tuple(sorted({1, share}))
+        key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
+               f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|{cfg.data.loader} "
+               f"x{workers}|share {share}|ranks/node {info.local_world_size}")
+
+        def measure() -> dict:
+            from data.torch_loader import decode_seconds
+
+            step = probe_threads(model, batch, cfg.data.train_crop, cfg.model.channels_last, amp, counts)
+            return {"step_1": step[1], "step_share": step[share], "decode": decode_seconds(cfg.data, split) * batch}
+
+        probed = share > 1 and workers > 0
+        # a probe taken while other processes hold the CPUs decides this run only: 2 threads were
+        # slower than 1 at load 5 on 2 cores, 2x faster when quiet
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        busy = load > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else False
+        measured, fresh = (_cached("threads", key, measure, info.local_rank == 0 and not busy) if probed
+                           else ({"step_1": 0.0, "step_share": 0.0, "decode": 0.0}, False))
+        # the mean over the ranks that probed (all call the collective; a rank with one CPU has nothing to split)
+        c1, cn, dec, n = reduce([measured["step_1"], measured["step_share"], measured["decode"], float(probed)])
+        threads, why = split_threads(share, workers, {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)},
+                                     dec / max(n, 1e-9)) if probed else split_threads(share, workers, {}, 0.0)
+        if probed and not fresh:
+            why += f" [cached in {cache_path().with_name('threads.json')}]"
+        elif probed and busy:
+            why += f" [not cached: load average {load:.1f} on {len(os.sched_getaffinity(0))} CPUs]"
+        torch.set_num_threads(threads)
+        log.info("threads %d: %s", threads, why)
+    return amp, threads

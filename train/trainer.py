@@ -17,9 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,47 +194,6 @@ def build_model(cfg, num_classes: int, info: DistInfo) -> tuple[nn.Module, nn.Mo
     return model, bare
 
 
-def set_threads(cfg, info: DistInfo) -> int:
-    """Intra-op threads from this rank's share of the CPUs (torchrun's OMP_NUM_THREADS=1 would
-    leave the rest idle); an OMP_NUM_THREADS other than torchrun's 1 is the user's and is kept."""
-    user = os.environ.get("OMP_NUM_THREADS", "1")
-    if user != "1" and not cfg.dist.cpu_threads:
-        threads = int(user)
-    else:
-        mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-        masks = [(socket.gethostname(), mask)]
-        if torch.distributed.is_initialized() and info.world_size > 1:
-            masks = [None] * info.world_size
-            torch.distributed.all_gather_object(masks, (socket.gethostname(), mask))
-        sharing = sum(host == socket.gethostname() and bool(m & mask) for host, m in masks)
-        # decode workers on this node's CPUs: the torch loader's processes, DALI's threads when DALI
-        # decodes on the CPU (1.76x vs 1.20x a plain loop with 1 intra-op thread instead of 2 beside
-        # 2 DALI threads on 2 cores: benchmarks/plain_loop.py); on the GPU, DALI's threads mostly wait
-        dali_cpu = cfg.data.loader == "dali" and (info.device.type == "cpu" or cfg.data.dali_device == "cpu")
-        workers = cfg.data.workers if cfg.data.loader == "torch" or dali_cpu else 0
-        threads = hardware.cpu_threads(cfg.dist.cpu_threads, cpus=len(mask), sharing=sharing, loader_workers=workers)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def choose_amp(cfg, info: DistInfo, bare: nn.Module, batch: int) -> str:
-    """train.amp, with `auto` decided by the hardware (train/hardware.py) at the micro-batch `batch`
-    each rank runs; logged in one line."""
-    def mean_over_ranks(values: list[float]) -> list[float]:
-        t = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=info.device))
-        return (t / info.world_size).tolist()
-
-    key = (f"{cfg.model.name}|batch {batch}|crop {cfg.data.train_crop}|channels_last "
-           f"{cfg.model.channels_last}|threads {torch.get_num_threads()}|ranks/node {info.local_world_size}")
-    amp, why = hardware.choose_amp(
-        cfg.train.amp, info.device, key=key, reduce=mean_over_ranks, write_cache=info.local_rank == 0,
-        measure=lambda: hardware.probe(bare, batch, cfg.data.train_crop, cfg.model.channels_last))
-    if info.device.type == "cuda":
-        hardware.allow_tf32()
-    log.info("amp %s: %s", amp, why)
-    return amp
-
-
 def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
     """Every object of the run, in the order each needs the others; resumed if asked to."""
     run_dir = cfg.run_dir
@@ -246,9 +203,6 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
         check_recipe(cfg, resume_from, info.world_size)
     if info.is_main:
         config_lib.save(cfg, run_dir / "config.yaml")
-    threads = set_threads(cfg, info)
-    log.info("%s; %d intra-op threads per rank", hardware.machine_header(info.device), threads)
-
     train_loader, val_loader, classes = build_loaders(cfg.data, info, batch=split.batch, seed=cfg.train.seed,
                                                       channels_last=cfg.model.channels_last)
     num_classes = cfg.data.num_classes or len(classes)
@@ -258,8 +212,9 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(f"data.global_batch: {split.global_batch} is more than the training set holds")
     model, bare = build_model(cfg, num_classes, info)
+    amp, threads = hardware.choose(cfg, info, bare, split.batch, train_loader)  # probes cached; logged
     plan = Plan(micro_batch=split.batch, accumulate=split.accumulate, global_batch=split.global_batch,
-                steps_per_epoch=steps_per_epoch, amp=choose_amp(cfg, info, bare, split.batch), threads=threads)
+                steps_per_epoch=steps_per_epoch, amp=amp, threads=threads)
 
     optimizer = build_optimizer(cfg.optim, model, plan.global_batch)
     run = Run(cfg=cfg, info=info, plan=plan, model=model, bare=bare, optimizer=optimizer,
