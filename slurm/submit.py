@@ -18,7 +18,7 @@ and `<log.dir>/<log.name>-sweep/sweep.json` maps array index -> run name and ove
 CPU binding (--numa-binding, default node; slurm/binding.py): each task binds itself for its
 local rank before training, with torch.numa.binding on GPU nodes (what `torchrun --numa-binding`
 does for its workers), or to an exclusive share of the node's CPUs on CPU-only nodes; its
-intra-op threads (OMP_NUM_THREADS) then come from that share. `off` leaves the affinity alone,
+intra-op threads then come from that share (train/hardware.py). `off` leaves the affinity alone,
 as does a task srun already bound (--cpu-bind).
 
 Checked here, before anything is queued (one `error: ...` line on stderr, exit code 2):
@@ -106,19 +106,6 @@ def _job_state(job_id: str) -> str:
     return ""
 
 
-def default_threads(bound: set[int] | None = None) -> int:
-    """CPUs of this task: those it was bound to, else SLURM's --cpus-per-task, else the CPUs it may
-    run on shared by the node's tasks (without a task/affinity plugin every task sees the whole node)."""
-    if bound:
-        return len(bound)
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if per_task.isdigit() and int(per_task) > 0:
-        return int(per_task)
-    local_tasks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1")
-                      .split("(")[0] or 1)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_tasks))
-
-
 def requeue_signal(env) -> signal.Signals:
     """The signal submitit asked SLURM for (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
     return signal.Signals[f"SIG{env.USR_SIG}"]
@@ -152,13 +139,11 @@ class Trainer:
             os.environ["MASTER_ADDR"] = slurm_node_address(dist_env.master_addr)
             os.environ.setdefault(REQUEUE_ON_HANG_ENV, "1")  # the watchdog requeues on a hang (docstring)
         bound = binding.bind(self.numa_binding, dist_env.local_rank, dist_env.local_world_size)
-        # intra-op threads per task, from its CPUs (the trainer keeps a value other than 1; with 1
-        # it takes its share of the affinity mask). sbatch exports the submitting shell's
-        # environment, so a value set there wins.
-        os.environ.setdefault("OMP_NUM_THREADS", str(default_threads(bound)))
+        # intra-op threads: the trainer decides them from the CPUs bound here (train/hardware.py,
+        # `choose`); an OMP_NUM_THREADS other than 1 exported by the submitting shell wins
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
         cpus = binding.format_cpu_list(os.sched_getaffinity(0))
-        print(f"[submit] {env} restart {restarts}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
+        print(f"[submit] {env} restart {restarts}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'auto')}, "
               f"MASTER_ADDR={os.environ['MASTER_ADDR']}, CPUs {cpus} ({'bound' if bound else 'not bound'}): "
               f"train/main.py {shlex.join(self.argv())}", flush=True)
 

@@ -421,10 +421,10 @@ def test_local_ranks_bind_to_disjoint_cpu_shares():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     in_process, execed = [], []
     for rank in (0, 1):
-        code = ("import os, threading; from slurm.binding import bind; from slurm.submit import default_threads; "
+        code = ("import os, threading; from slurm.binding import bind; from train.hardware import cpu_share; "
                 "go = threading.Event(); t = threading.Thread(target=lambda: go.wait() and "  # started before bind()
                 "print(sorted(os.sched_getaffinity(0)))); t.start(); "
-                f"cpus = bind('node', {rank}, 2); go.set(); t.join(); print(default_threads(cpus))")
+                f"cpus = bind('node', {rank}, 2); go.set(); t.join(); print(cpu_share(len(cpus), 1))")
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 0, r.stderr
         cpus, threads = r.stdout.splitlines()
