@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 
-from train.checkpoint import Checkpointer, ModelState, OptimizerState, file_crc32, latest  # noqa: E402
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, latest  # noqa: E402
 from train.config import (
     CheckpointConfig,  # noqa: E402
     ModelConfig,  # noqa: E402
 )
 from train.distributed import DistInfo  # noqa: E402
 from train.hardware import machine_header  # noqa: E402
+from train.integrity import file_crc32  # noqa: E402
 from train.models import build  # noqa: E402
 from train.trainer import TrainState  # noqa: E402
 

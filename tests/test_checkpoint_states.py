@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, UnsafeCheckpoint, Value, load_tensors
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, Value, load_tensors
 from train.config import CheckpointConfig
 from train.distributed import DistInfo
+from train.integrity import UnsafeCheckpoint
 from train.trainer import TrainState
 
 INFO = DistInfo(0, 1, 0, torch.device("cpu"))

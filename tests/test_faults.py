@@ -30,20 +30,12 @@ from tests.distributed_helpers import run_ranks
 from train import checkpoint as ckpt_lib
 from train import runlock
 from train.checkpoint import (
-    MANIFEST,
     Checkpointer,
-    CheckpointError,
-    CheckpointSaveError,
-    DamagedCheckpoint,
     ModelState,
     OptimizerState,
     RNGState,
-    UnsafeCheckpoint,
     Value,
-    check,
-    file_crc32,
     find_resume,
-    human_bytes,
     load_tensors,
     load_value,
     saved_keys,
@@ -51,6 +43,16 @@ from train.checkpoint import (
 from train.config import CheckpointConfig, ConfigError
 from train.distributed import DistInfo
 from train.export import model_state_dict
+from train.integrity import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointSaveError,
+    DamagedCheckpoint,
+    UnsafeCheckpoint,
+    check,
+    file_crc32,
+    human_bytes,
+)
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 COMMON = ("train.max_steps=6", "checkpoint.every_steps=2", "log.tensorboard=false")

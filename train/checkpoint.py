@@ -8,32 +8,10 @@ full disk) is never resumed from and is removed by the next save or purge. `best
 best by val top-1; the last `keep` (and the best) survive purging. docs/reliability.md has the
 failure cases and exit codes.
 
-Integrity. Each rank hashes the files it wrote in the thread that wrote them, right after writing
-(page cache): for async saves that is DCP's background upload thread, so the training loop never
-waits for a hash. CRC-32 (zlib) is the fastest check at hand: 1.3-2.6 GB/s against
-0.5-1.0 for sha256 and blake2b on the same bytes (2-core Xeon AMX, KVM, load 3-5); it catches
-truncation and flipped bits, not forgery (whoever can rewrite a shard can rewrite the manifest; the
-loader below is what keeps that harmless). ResNet-50 + SGD momentum (196 MiB): 80-160 ms of CRC-32,
-7-16 % of a 1.0-1.7 s synchronous save, none of the 95-180 ms an async save blocks the loop
-(`benchmarks/checkpoint.py`).
-On load the ranks split the files, verify them and agree on the verdict (`check`):
-`train.resume=auto` moves a damaged checkpoint to `checkpoints/damaged/` with one warning and
-resumes from the newest intact one; an explicit path, `train.evaluate` and `train.export` refuse a
-damaged checkpoint in one line (`DamagedCheckpoint`). A checkpoint with `.metadata` but no manifest
-(written before checksums existed, or a save killed between DCP's commit and ours) is read
-unverified, with a warning, and only when no checkpoint with a manifest exists.
-
 What is saved is a dict of named states, as in torchtitan: any object with `state_dict()` and
 `load_state_dict()` (scheduler, GradScaler, TrainState, EMA weights, ...) is one entry, and
 `ModelState` and `OptimizerState` put model and optimizer through DCP's state-dict functions,
 so W ranks' checkpoint loads on W'. Adding a state is one line where the dict is built.
-
-Loading runs no pickled code. DCP pickles its `.metadata` and reads it with `pickle.load`:
-`SafeReader` reads it with an unpickler that admits DCP's metadata classes only. DCP stores
-non-tensor values (a learning rate, a step count) as small pickles and its default planner reads
-them with `torch.load(weights_only=False)`: `SafeLoadPlanner` uses `weights_only=True`. Tensors
-are read by DCP with `weights_only=True`. Any refusal or unreadable file is one line naming the
-checkpoint (`CheckpointError`).
 
 A save that cannot be written (free space below the last checkpoint's size or the state's tensor
 bytes, checked before writing; ENOSPC or any other write error) is one line naming the path, the bytes needed and free:
@@ -43,15 +21,12 @@ trains on.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import warnings
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -72,12 +45,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from train import integrity  # what makes a checkpoint safe to load (consult-only)
+
 log = logging.getLogger("resnet")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-# torch.load on a raw pickle (a shard replaced by one) warns about its protocol before we refuse it
-warnings.filterwarnings("ignore", message="Detected pickle protocol")
-METADATA = ".metadata"
-MANIFEST = "manifest.json"
 DAMAGED = "damaged"  # checkpoints/damaged/: where resume=auto moves a damaged checkpoint
 
 
@@ -85,119 +56,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (unreadable, damaged, unsafe): one line naming it; exit 2."""
-
-
-class UnsafeCheckpoint(CheckpointError):
-    """A checkpoint value that is not plain data (a pickled object that would run code)."""
-
-
-class DamagedCheckpoint(CheckpointError):
-    """A checkpoint whose files do not match its manifest (truncated, flipped bits, replaced).
-    The ranks agree on the verdict (`check`), so rank 0 alone prints it."""
-
-    same_on_every_rank = True
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save that could not be written, under checkpoint.on_error=stop; exit 4. Decided on rank 0
-    and raised with the same message on every rank."""
-
-    same_on_every_rank = True
-
-
-def short_reason(e: BaseException) -> str:
-    """The informative line of an exception: torch.load's weights-only errors put theirs in the
-    middle of a paragraph; EOFError() and friends have none (the type then)."""
-    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(boiler)]
-    return (useful or lines or [type(e).__name__])[0]
-
-
-# ---- reading .metadata without running code ------------------------------------------------------
-
-_METADATA_GLOBALS = {
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),  # torch.layout pickles as _get_layout(name)
-    ("collections", "OrderedDict"), ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
-}
-
-
-class _Refused(pickle.UnpicklingError):
-    """A global outside DCP's metadata classes (e.g. `posix.system`)."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits what torch 2.14's DCP pickles in `.metadata` (its metadata dataclasses, torch.Size,
-    dtypes, layouts, a path) and nothing else: every callable a pickle can call comes from here."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise _Refused(f"{module}.{name}")
-
-
-def read_metadata(path: Path) -> Metadata:
-    """`path/.metadata`, unpickled by `_MetadataUnpickler`; CheckpointError (one line) otherwise."""
-    file = Path(path) / METADATA
-    try:
-        with open(file, "rb") as f:
-            md = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint '{path}' has no {METADATA} (an interrupted save?)") from None
-    except _Refused as e:
-        raise UnsafeCheckpoint(f"checkpoint '{path}': {METADATA} calls {e}, which is not DCP metadata; "
-                               "refusing to unpickle it") from None
-    except pickle.UnpicklingError as e:
-        raise DamagedCheckpoint(f"checkpoint '{path}': {METADATA} is unreadable ({short_reason(e)})") from None
-    except Exception as e:  # noqa: BLE001 - truncated (EOFError), garbage (ValueError, ...)
-        raise DamagedCheckpoint(f"checkpoint '{path}': {METADATA} is unreadable ({type(e).__name__}: "
-                                f"{short_reason(e)})") from None
-    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
-        raise DamagedCheckpoint(f"checkpoint '{path}': {METADATA} is not DCP metadata")
-    for info in md.storage_data.values():  # shards are files of this directory, nothing else
-        name = getattr(info, "relative_path", "")
-        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-            raise UnsafeCheckpoint(f"checkpoint '{path}': {METADATA} points outside the checkpoint ({name!r})")
-    return md
-
-
-class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with `.metadata` read by `read_metadata` instead of `pickle.load`."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        md = read_metadata(Path(self.path))
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id  # as DCP's own read_metadata
-        return md
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's planner with its non-tensor values read by the weights-only unpickler."""
-
-    def __init__(self, path: Path | str = "?", **kw):
-        super().__init__(**kw)
-        self.path = path
-
-    def load_bytes(self, read_item, value) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError and friends
-            raise UnsafeCheckpoint(f"checkpoint '{self.path}': value '{read_item.dest_index.fqn}' is not plain data; "
-                                   f"refusing to unpickle it ({short_reason(e)})") from None
-        buf = io.BytesIO()  # the vetted plain value, re-serialised: DCP's own code places it
-        torch.save(obj, buf)
-        buf.seek(0)
-        super().load_bytes(read_item, buf)
 
 
 # ---- states ----------------------------------------------------------------------------------------
@@ -281,12 +139,12 @@ class RNGState:
 
 def saved(path: Path) -> bool:
     """DCP finished writing it (`.metadata`): complete, or written before manifests existed."""
-    return (Path(path) / METADATA).is_file()
+    return (Path(path) / integrity.METADATA).is_file()
 
 
 def complete(path: Path) -> bool:
     """DCP finished writing it and every rank's files were hashed into its manifest."""
-    return saved(path) and (Path(path) / MANIFEST).is_file()
+    return saved(path) and (Path(path) / integrity.MANIFEST).is_file()
 
 
 def _step(path: Path) -> int:
@@ -314,92 +172,12 @@ def newest_saved(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def file_crc32(path: Path, chunk: int = 8 << 20) -> str:
-    """CRC-32 of a file in 8 MiB reads (zlib releases the GIL while it sums)."""
-    crc, buf = 0, bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
-
-
-def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """{file name: {"bytes", "crc32"}} of a checkpoint; DamagedCheckpoint if unreadable."""
-    try:
-        files = json.loads((Path(path) / MANIFEST).read_text())["files"]
-        if not files or not all(Path(n).name == n and {"bytes", "crc32"} <= set(v) for n, v in files.items()):
-            raise ValueError("no files")
-        return files
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DamagedCheckpoint(f"checkpoint '{path}': {MANIFEST} is unreadable ({short_reason(e)})") from None
-
-
-def _verify(path: Path, files: dict[str, dict[str, Any]], names: list[str]) -> str | None:
-    for name in names:
-        f, want = Path(path) / name, files[name]
-        if not f.is_file():
-            return f"{name} is missing"
-        if (size := f.stat().st_size) != want["bytes"]:
-            return f"{name} has {size} bytes, {want['bytes']} were written"
-        if file_crc32(f) != want["crc32"]:
-            return f"{name} fails its CRC-32 check"
-    return None
-
-
-def check(path: Path) -> str | None:
-    """None if every file of `path` has the size and CRC-32 its manifest recorded, else what is
-    wrong (one file named). Under torchrun the ranks verify a share of the files each and agree
-    on the verdict (one all_gather, the first problem in rank order), so every rank decides alike."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    try:
-        files = read_manifest(path)
-        problem = _verify(path, files, sorted(files)[rank::world])
-    except DamagedCheckpoint as e:
-        problem = str(e).split(": ", 1)[1]
-    except OSError as e:
-        problem = short_reason(e)
-    if world > 1:
-        found: list[str | None] = [None] * world
-        dist.all_gather_object(found, problem)
-        problem = next((p for p in found if p), None)
-    return problem
-
-
 def saved_keys(path: Path) -> set[str]:
     """Flattened keys held by a checkpoint (`model.conv1.weight`, `scheduler.json`, ...)."""
-    return set(read_metadata(path).state_dict_metadata)
+    return set(integrity.read_metadata(path).state_dict_metadata)
 
 
 # ---- saving ----------------------------------------------------------------------------------------
-
-class _HashingWriter(dcp.FileSystemWriter):
-    """DCP's file writer that records the size and CRC-32 of each file it writes, in the thread that
-    wrote it (the upload thread of an async save), right after writing it."""
-
-    def __init__(self, path: Path, device: torch.device):
-        # per_thread_copy_ahead: DCP's overlapping device-to-host loader, which it picks whenever
-        # CUDA is visible and which takes CUDA's current stream (a context on GPU 0), is for CUDA
-        # runs only; a run on the CPU gets the serial loader.
-        super().__init__(path, **({} if device.type == "cuda" else {"per_thread_copy_ahead": 0}))
-        self.files: dict[str, dict[str, Any]] = {}
-
-    def write_data(self, plan, planner) -> torch.futures.Future:
-        fut = super().write_data(plan, planner)
-        for result in fut.wait():  # FileSystemWriter writes synchronously: the future is done
-            name = result.storage_data.relative_path
-            if name not in self.files:
-                self.files[name] = _describe(Path(self.path) / name)
-        return fut
-
-    def finish(self, metadata, results) -> None:  # the coordinator, after every rank wrote
-        super().finish(metadata, results)
-        self.files[METADATA] = _describe(Path(self.path) / METADATA)
-
 
 class _HostStager(DefaultStager):
     """DefaultStager's copy (cached host buffers) in a thread, for a run on the CPU: DefaultStager's
@@ -424,39 +202,10 @@ class _HostStager(DefaultStager):
 class _Pending:
     staged: Future | None  # None: staged before async_save returned
     uploaded: Future
-    writer: _HashingWriter
+    writer: integrity.HashingWriter
     path: Path
     top1: float | None
     needed: int  # bytes the save was expected to take
-
-
-def human_bytes(n: int | float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} bytes"
-
-
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _write_failure(e: BaseException) -> str | None:
-    """What went wrong in a failed save, if it is a write error (ENOSPC, EIO, torch's zip writer's
-    'enforce fail at inline_container.cc'); None for anything else (a bug: re-raised)."""
-    if isinstance(e, CheckpointException):
-        for failure in e.failures.values():
-            exc = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(exc, (OSError, RuntimeError)):
-                return short_reason(exc)
-        return None
-    return short_reason(e) if isinstance(e, (OSError, RuntimeError)) else None
 
 
 class Checkpointer:
@@ -488,7 +237,7 @@ class Checkpointer:
         if complete(path) or step == self.skipped_step:
             return path  # already saved (or skipped) at this step (e.g. end of epoch and end of run)
         sd = {name: obj.state_dict() for name, obj in states.items()}
-        needed = max(self.last_size, _tensor_bytes(sd))  # the last checkpoint or this state; rank 0's counts
+        needed = max(self.last_size, integrity.tensor_bytes(sd))  # the last checkpoint or this state; rank 0's counts
         short = False
         if self.rank == 0:
             if path.exists():  # an interrupted save at this step: its files are never reused
@@ -497,7 +246,7 @@ class Checkpointer:
         if self._from_rank0(short):  # every rank skips (or stops) together
             self._on_error(path, f"not enough space for {path.name} in '{self.dir}'", needed)
             return path
-        writer = _HashingWriter(path, self.device)
+        writer = integrity.HashingWriter(path, self.device)
         try:
             if self.cfg.async_save:
                 if self.device.type == "cuda":
@@ -512,7 +261,7 @@ class Checkpointer:
                 return path
             dcp.save(sd, storage_writer=writer, process_group=self.group)
         except (Exception, CheckpointException) as e:
-            if (reason := _write_failure(e)) is None:
+            if (reason := integrity.write_failure(e)) is None:
                 raise
             self._on_error(path, f"writing '{path}' failed ({reason})", needed)
             return path
@@ -537,7 +286,7 @@ class Checkpointer:
         try:
             p.uploaded.result()
         except (Exception, CheckpointException) as e:
-            if (reason := _write_failure(e)) is None:
+            if (reason := integrity.write_failure(e)) is None:
                 raise
             self._on_error(p.path, f"writing '{p.path}' failed ({reason})", p.needed)
             return
@@ -558,11 +307,11 @@ class Checkpointer:
     @staticmethod
     def _manifest_bytes(path: Path) -> int:
         try:
-            return sum(f["bytes"] for f in read_manifest(path).values())
-        except DamagedCheckpoint:
+            return sum(f["bytes"] for f in integrity.read_manifest(path).values())
+        except integrity.DamagedCheckpoint:
             return 0
 
-    def _commit(self, path: Path, writer: _HashingWriter, top1: float | None, needed: int) -> None:
+    def _commit(self, path: Path, writer: integrity.HashingWriter, top1: float | None, needed: int) -> None:
         """Rank 0 writes the manifest (every rank's file hashes), then `latest`: from here on the
         checkpoint is complete. A failure (the disk filled up since) is handled as a failed save."""
         files = dict(writer.files)
@@ -574,12 +323,12 @@ class Checkpointer:
         reason = None
         if self.rank == 0:
             try:
-                tmp = path / (MANIFEST + ".tmp")
+                tmp = path / (integrity.MANIFEST + ".tmp")
                 with open(tmp, "w") as f:
                     json.dump({"format": 1, "checksum": "crc32", "files": dict(sorted(files.items()))}, f, indent=1)
                     f.flush()
                     os.fsync(f.fileno())
-                tmp.replace(path / MANIFEST)
+                tmp.replace(path / integrity.MANIFEST)
                 self.last_size = sum(d["bytes"] for d in files.values())
                 tmp = self.dir / "latest.tmp"
                 tmp.write_text(path.name + "\n")
@@ -590,7 +339,7 @@ class Checkpointer:
                     if top1 > prev:
                         best.write_text(json.dumps({"checkpoint": path.name, "top1": top1}))
             except OSError as e:
-                reason = f"writing '{path / MANIFEST}' failed ({short_reason(e)})"
+                reason = f"writing '{path / integrity.MANIFEST}' failed ({integrity.short_reason(e)})"
         if (reason := self._from_rank0(reason)) is not None:
             self._on_error(path, reason, needed)
             return
@@ -606,10 +355,11 @@ class Checkpointer:
             free = shutil.disk_usage(self.dir).free
             newest = latest(self.dir)
             kept = f"{newest.name} is the newest complete checkpoint" if newest else "no complete checkpoint yet"
-            message = f"checkpoint: {what}: needs {human_bytes(needed)}, {human_bytes(free)} free; {kept}"
+            size = integrity.human_bytes
+            message = f"checkpoint: {what}: needs {size(needed)}, {size(free)} free; {kept}"
         message = self._from_rank0(message)
         if self.cfg.on_error == "stop":
-            raise CheckpointSaveError(message)
+            raise integrity.CheckpointSaveError(message)
         self.skipped_step = _step(path)
         if self.rank == 0:
             log.warning("SKIPPED %s (checkpoint.on_error=skip), training goes on: %s", path.name, message)
@@ -631,7 +381,7 @@ class Checkpointer:
         it did not hold (a state added since, or another rank's RNG), which keep their values.
         `path` comes from `find_resume`, which verified it."""
         if not saved(path):
-            raise FileNotFoundError(f"train.resume: '{path}' is not a complete checkpoint (no {METADATA})")
+            raise FileNotFoundError(f"train.resume: '{path}' is not a complete checkpoint (no {integrity.METADATA})")
         keys = saved_keys(path)
         held = {n: s for n, s in states.items() if any(k.startswith(f"{n}.") for k in keys)}
         sd = {}
@@ -652,16 +402,16 @@ def _load(sd: dict, path: Path, **kw) -> None:
     """dcp.load with the safe reader and planner; any failure is one line naming the checkpoint,
     not DCP's CheckpointException with every rank's traceback."""
     try:
-        dcp.load(sd, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path), **kw)
+        dcp.load(sd, storage_reader=integrity.SafeReader(str(path)), planner=integrity.SafeLoadPlanner(path), **kw)
     except CheckpointException as e:
         for failure in e.failures.values():
             exc = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(exc, CheckpointError):
+            if isinstance(exc, integrity.CheckpointError):
                 raise exc from None
         exc = next(iter(e.failures.values()))
         exc = exc[0] if isinstance(exc, tuple) else exc
-        raise CheckpointError(f"checkpoint '{path}' cannot be loaded ({type(exc).__name__}: "
-                              f"{short_reason(exc)})") from None
+        raise integrity.CheckpointError(f"checkpoint '{path}' cannot be loaded ({type(exc).__name__}: "
+                                        f"{integrity.short_reason(exc)})") from None
 
 
 def load_value(path: Path, name: str) -> Any:
@@ -679,32 +429,32 @@ def load_value(path: Path, name: str) -> Any:
 def find_resume(resume: str, run_dir: Path) -> Path | None:
     """`auto`: the newest intact checkpoint of the run dir (None for a fresh run); `off`; or a path.
 
-    Every rank calls it and all get the same answer (`check` agrees across ranks). A damaged
+    Every rank calls it and all get the same answer (`integrity.check` agrees across ranks). A damaged
     checkpoint met by `auto` is moved to checkpoints/damaged/ (by rank 0; a later save at that step
     must not find it) and named in one warning; `auto` finding only damaged ones, or an explicit
-    path that is damaged, raises DamagedCheckpoint."""
+    path that is damaged, raises integrity.DamagedCheckpoint."""
     if resume == "off":
         return None
     if resume != "auto":
         path = Path(resume)
         if not saved(path):
             raise FileNotFoundError(f"train.resume: '{path}' is not a complete checkpoint directory")
-        if complete(path) and (problem := check(path)):
-            raise DamagedCheckpoint(f"train.resume: checkpoint '{path}' is damaged ({problem})")
+        if complete(path) and (problem := integrity.check(path)):
+            raise integrity.DamagedCheckpoint(f"train.resume: checkpoint '{path}' is damaged ({problem})")
         if not complete(path):
             _warn_unverified(path)
         return path
     ckpt_dir = Path(run_dir) / "checkpoints"
     found, damaged = None, []
     for path in reversed(checkpoints(ckpt_dir)):
-        if (problem := check(path)) is None:
+        if (problem := integrity.check(path)) is None:
             found = path
             break
         damaged.append((path, problem))
     if found is None:  # no manifest anywhere: checkpoints written before checksums
         found = next((p for p in reversed(_step_dirs(ckpt_dir)) if saved(p) and not complete(p)), None)
         if found is None and damaged:
-            raise DamagedCheckpoint(f"train.resume=auto: no intact checkpoint in '{ckpt_dir}' ("
+            raise integrity.DamagedCheckpoint(f"train.resume=auto: no intact checkpoint in '{ckpt_dir}' ("
                                     + "; ".join(f"{p.name}: {why}" for p, why in damaged)
                                     + "); train.resume=off starts over")
         if found is not None:
@@ -724,21 +474,21 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
 def _warn_unverified(path: Path) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.warning("checkpoint %s has no %s (written before checksums, or its save was cut short at the "
-                    "end): its files are not verified", path, MANIFEST)
+                    "end): its files are not verified", path, integrity.MANIFEST)
 
 
 def load_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors saved under `prefix` (e.g. "model.") from all shards, on the CPU,
     without a live model and without reading any non-tensor value (export, evaluation).
-    A damaged checkpoint is refused (DamagedCheckpoint, one line)."""
+    A damaged checkpoint is refused (integrity.DamagedCheckpoint, one line)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if complete(path):
-        if problem := check(path):
-            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged ({problem})")
+        if problem := integrity.check(path):
+            raise integrity.DamagedCheckpoint(f"checkpoint '{path}' is damaged ({problem})")
     elif saved(path):
         _warn_unverified(path)
-    meta = read_metadata(path).state_dict_metadata
+    meta = integrity.read_metadata(path).state_dict_metadata
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
           if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if not sd:

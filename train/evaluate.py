@@ -27,8 +27,9 @@ from torch import nn  # noqa: E402
 from data import DataError, build_val_loader  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import distributed, hardware, models  # noqa: E402
-from train.checkpoint import CheckpointError, saved, short_reason  # noqa: E402
+from train.checkpoint import saved  # noqa: E402
 from train.export import checkpoint_dir, model_state_dict  # noqa: E402
+from train.integrity import CheckpointError, short_reason  # noqa: E402
 from train.trainer import evaluate  # noqa: E402
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import CheckpointError, load_tensors, newest_saved, saved
+from train.checkpoint import load_tensors, newest_saved, saved
+from train.integrity import CheckpointError
 
 
 def checkpoint_dir(run_or_ckpt: Path) -> Path:

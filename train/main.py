@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from train.checkpoint import CheckpointError, CheckpointSaveError
+    from train.integrity import CheckpointError, CheckpointSaveError
     from train.monitor import setup_logging
     from train.runlock import RunLocked, hold
     from train.trainer import NonFiniteLoss, fit

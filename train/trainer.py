@@ -8,7 +8,9 @@ calls in it. `fit` is the epoch loop with the evaluation and the end-of-epoch ch
 
 No host sync in the step: metrics are summed on the device and reduced over ranks in one
 all-reduce every `log.every` steps (and before each checkpoint); that flush is the only point
-where the host waits for the device (tests/test_host_sync.py counts).
+where the host waits for the device (tests/test_host_sync.py counts). One exception, not ours:
+torch's SyncBatchNorm (`model.sync_bn` on several GPUs; off in every shipped config) reads its
+per-rank counts back once per BN layer in the forward (pytorch#78549).
 """
 
 from __future__ import annotations
