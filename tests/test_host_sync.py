@@ -185,21 +185,21 @@ def test_the_guard_catches_a_sync(tmp_path, tiny_data, monkeypatch):
     assert [what for what, _ in hits] == ["item/bool"] * 8  # 4 steps x 2 micro-batches
 
 
-def test_ema_update_has_no_device_copy_or_readback():
-    """torch's AveragedModel.update_parameters hands `n_averaged.to(device)` (a CPU tensor) to the
-    average on every update: on CUDA a blocking copy from pageable memory, seen here on fake CUDA
-    tensors. Ours makes no such copy and averages exactly as AveragedModel does."""
+def _model_on(device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, device=device), torch.nn.BatchNorm2d(4, device=device))
+
+
+def _fake_cuda_ema_hits() -> tuple[list[str], list[str]]:
+    """(ours, torch's) would-be syncs of 3 EMA updates on fake CUDA tensors. Run in a child
+    process: fake CUDA devices leave state behind that crashes later tests in this process."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from train.optim import EMA
 
-    def model_on(device):
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, device=device), torch.nn.BatchNorm2d(4, device=device))
-
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model_on("cuda")
+        model = _model_on("cuda")
         ours = EMA(model, decay=0.9)
         ref = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
         with SyncCounter(device_only=True) as counter:
@@ -208,10 +208,26 @@ def test_ema_update_has_no_device_copy_or_readback():
         with SyncCounter(device_only=True) as theirs:
             for _ in range(3):
                 ref.update_parameters(model)
-    assert counter.hits == []
-    assert [what for what, _ in theirs.hits] == ["copy cpu -> cuda:0 from pageable memory"] * 4  # 2 updates x 2 dtypes
+    return [w for w, _ in counter.hits], [w for w, _ in theirs.hits]
 
-    model = model_on("cpu")  # the values: equal to AveragedModel's
+
+def test_ema_update_has_no_device_copy_or_readback():
+    """torch's AveragedModel.update_parameters hands `n_averaged.to(device)` (a CPU tensor) to the
+    average on every update: on CUDA a blocking copy from pageable memory, seen here on fake CUDA
+    tensors. Ours makes no such copy and averages exactly as AveragedModel does."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from train.optim import EMA
+
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        ours_hits, their_hits = pool.submit(_fake_cuda_ema_hits).result(timeout=300)
+    assert ours_hits == []
+    assert their_hits == ["copy cpu -> cuda:0 from pageable memory"] * 4  # 2 updates x 2 dtypes
+
+    model = _model_on("cpu")  # the values: equal to AveragedModel's
     ours, ref = EMA(model, decay=0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     for _ in range(3):
         with torch.no_grad():
