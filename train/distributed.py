@@ -83,29 +83,6 @@ def restart_safe_store(rank: int, world: int, timeout: datetime.timedelta) -> di
     return dist.PrefixStore(f"resnet/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def heartbeat_store(timeout_s: float) -> tuple[dist.Store, str]:
-    """A second client of the rendezvous store for the watchdog thread (train/watchdog.py), with
-    a short timeout so that a silent store never blocks it for `dist.timeout_s`, and keys private
-    to this torchrun restart round. Returns it and who serves the store: torchrun's agent (it
-    outlives the workers), or rank 0's process (srun and Submitit launches)."""
-    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    store = dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
-    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return (dist.PrefixStore(f"resnet/round_{round_}/watchdog", store),
-            f"torchrun's agent at {addr}:{port}" if agent_serves else "rank 0")
-
-
-def set_collective_timeout(seconds: float) -> None:
-    """The default group's timeout for the collectives issued from now on, NCCL and gloo alike
-    (torchtitan's `set_pg_timeouts`). Local: each rank sets its own. torchtitan puts a barrier
-    before it, so that no rank waits under the short timeout for a peer still starting up; the
-    watchdog calls it once this rank has finished its second step, whose gradient all-reduce
-    every rank has then joined, so the start-up of every rank is over."""
-    dist.set_timeout(datetime.timedelta(seconds=seconds))
-
-
 # NCCL's flight recorder (the last collectives of each rank, with their state) and its dump when
 # a collective times out, into <run>/hang/nccl_trace_rank_<rank>; names as read by torch 2.14
 # (libtorch: TORCH_FR_* first, the TORCH_NCCL_* names they replace second). Asynchronous error

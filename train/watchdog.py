@@ -49,8 +49,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train import distributed
-
 log = logging.getLogger("resnet")
 
 HANG_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: a temporary failure, start again (docs/reliability.md)
@@ -227,6 +225,29 @@ class BusyTimer:
             h.remove()
 
 
+def heartbeat_store(timeout_s: float) -> tuple[dist.Store, str]:
+    """A second client of the rendezvous store for the watchdog thread , with
+    a short timeout so that a silent store never blocks it for `dist.timeout_s`, and keys private
+    to this torchrun restart round. Returns it and who serves the store: torchrun's agent (it
+    outlives the workers), or rank 0's process (srun and Submitit launches)."""
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return (dist.PrefixStore(f"resnet/round_{round_}/watchdog", store),
+            f"torchrun's agent at {addr}:{port}" if agent_serves else "rank 0")
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The default group's timeout for the collectives issued from now on, NCCL and gloo alike
+    (torchtitan's `set_pg_timeouts`). Local: each rank sets its own. torchtitan puts a barrier
+    before it, so that no rank waits under the short timeout for a peer still starting up; the
+    watchdog calls it once this rank has finished its second step, whose gradient all-reduce
+    every rank has then joined, so the start-up of every rank is over."""
+    dist.set_timeout(datetime.timedelta(seconds=seconds))
+
+
 class StoreSilent(Exception):
     """The heartbeat store did not answer within STORE_TIMEOUT_S."""
 
@@ -302,7 +323,7 @@ class Watchdog:
 
     def __enter__(self) -> Watchdog:
         if self.enabled:
-            store, self.store_host = distributed.heartbeat_store(STORE_TIMEOUT_S)
+            store, self.store_host = heartbeat_store(STORE_TIMEOUT_S)
             self.store = DeadlineStore(store, STORE_TIMEOUT_S)
             self.store.set(f"beat/{self.rank}", self._beat().encode())
             self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
@@ -344,7 +365,7 @@ class Watchdog:
             if not armed and step - start >= TRAIN_TIMEOUT_AFTER_STEPS:
                 armed = True
                 if 0 < self.train_timeout < self.timeout:
-                    distributed.set_collective_timeout(self.train_timeout)
+                    set_collective_timeout(self.train_timeout)
                     if self.rank == 0:
                         log.info("collective timeout %d s -> %d s after %d steps (dist.train_timeout_s)%s",
                                  self.timeout, self.train_timeout, TRAIN_TIMEOUT_AFTER_STEPS,
