@@ -30,18 +30,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_loaders, mix
+from train import checkpoint, hardware, models, sync_batchnorm
 from train import config as config_lib
-from train import hardware, models, sync_batchnorm
-from train.checkpoint import (
-    Checkpointer,
-    ModelState,
-    OptimizerState,
-    RNGState,
-    Value,
-    find_resume,
-    load_value,
-    saved_keys,
-)
 from train.distributed import DistInfo, all_reduce_sum, seed_everything
 from train.monitor import Monitor, RunSummary, setup_logging
 from train.optim import EMA, build_criterion, build_ema, build_optimizer, build_scheduler
@@ -131,7 +121,7 @@ class Run:
     ema: EMA | None
     train_loader: Any
     val_loader: Any
-    checkpointer: Checkpointer
+    checkpointer: checkpoint.Checkpointer
     monitor: Monitor
     stop: StopSignal
     state: TrainState = dataclasses.field(default_factory=TrainState)
@@ -142,10 +132,11 @@ class Run:
 
     def states(self) -> dict:
         """The named states of a checkpoint (train/checkpoint.py): one entry each."""
-        return {"model": ModelState(self.bare), "optim": OptimizerState(self.bare, self.optimizer),
+        return {"model": checkpoint.ModelState(self.bare),
+                "optim": checkpoint.OptimizerState(self.bare, self.optimizer),
                 "scheduler": self.scheduler, "scaler": self.scaler, "train_state": self.state,
-                "config": Value(config_lib.to_dict(self.cfg)),
-                f"rng_rank{self.info.rank}": RNGState(self.info.world_size, self.info.device),
+                "config": checkpoint.Value(config_lib.to_dict(self.cfg)),
+                f"rng_rank{self.info.rank}": checkpoint.RNGState(self.info.world_size, self.info.device),
                 **({"ema": self.ema} if self.ema is not None else {})}
 
     def save(self, top1: float | None = None, wait: bool = False) -> None:
@@ -200,7 +191,7 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
     """Every object of the run, in the order each needs the others; resumed if asked to."""
     run_dir = cfg.run_dir
     split = config_lib.split_batch(cfg.data, cfg.optim, info.world_size)  # ConfigError if it cannot split
-    resume_from = find_resume(cfg.train.resume, run_dir)
+    resume_from = checkpoint.find_resume(cfg.train.resume, run_dir)
     if resume_from is not None:  # before anything is written: a refused recipe change leaves the run as it was
         check_recipe(cfg, resume_from, info.world_size)
     if info.is_main:
@@ -224,7 +215,7 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
               scaler=torch.amp.GradScaler(info.device.type, enabled=plan.amp == "fp16"),
               criterion=build_criterion(cfg.optim), ema=build_ema(cfg, bare, steps_per_epoch),
               train_loader=train_loader, val_loader=val_loader,
-              checkpointer=Checkpointer(cfg.checkpoint, run_dir, info),
+              checkpointer=checkpoint.Checkpointer(cfg.checkpoint, run_dir, info),
               monitor=Monitor(cfg.log, run_dir=run_dir, info=info, data=cfg.data, epochs=cfg.train.epochs,
                               steps_per_epoch=steps_per_epoch, global_batch=plan.global_batch,
                               max_steps=cfg.train.max_steps),
@@ -242,11 +233,11 @@ def check_recipe(cfg: config_lib.Config, path: Path, world: int) -> None:
     """Stop (ConfigError, one line) if the new config changes the checkpoint's recipe beyond
     train.allow_changes; log the changes it may make (config.check_resume). The checkpoint's world
     size is its number of per-rank RNG states."""
-    old = load_value(path, "config")
+    old = checkpoint.load_value(path, "config")
     if old is None:
         log.warning("%s holds no config: the recipe is not compared", path)
         return
-    old_world = len({k.split(".")[0] for k in saved_keys(path) if k.startswith("rng_rank")}) or None
+    old_world = len({k.split(".")[0] for k in checkpoint.saved_keys(path) if k.startswith("rng_rank")}) or None
     changed = config_lib.check_resume(old, cfg, world, old_world, path.name)
     if changed:
         log.info("resume from %s changes: %s", path.name, "; ".join(changed))
