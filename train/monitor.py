@@ -2,9 +2,8 @@
 
 - `Monitor` measures throughput and step time, stage norms, input and feature-map images, CUDA
   memory, and hands dicts to the three below (the pictures are drawn by train/tb_visuals.py).
-- `TensorBoardLogger` logs whatever dict of scalars it is given, tag = key (torchtitan's
-  `BaseLogger.log(metrics, step)`): nothing lists tags. On other ranks, or with
-  `log.tensorboard: false`, every call is a no-op, so callers never test the rank.
+- `vis.TensorBoardLogger` (train/tb_visuals.py) logs whatever dict of scalars it is given, tag =
+  key (torchtitan's `BaseLogger.log(metrics, step)`): nothing lists tags; a no-op off rank 0.
 - `Progress`: a tqdm bar on a terminal, plain log lines elsewhere (CI and SLURM log files hold no
   carriage returns or escape sequences), nothing on other ranks.
 - `RunSummary`: the run's result, a dict the trainer fills, written to `<run>/summary.json` and
@@ -101,52 +100,6 @@ class Progress:
             self._redirect = None
 
 
-# -- TensorBoard (rank 0) ---------------------------------------------------------------------------
-
-class TensorBoardLogger:
-    def __init__(self, log_dir: Path, *, enabled: bool):
-        self.log_dir, self.writer = Path(log_dir), None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.log_dir))
-
-    @property
-    def enabled(self) -> bool:
-        return self.writer is not None
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """One scalar per entry, tag = key (e.g. "train/loss")."""
-        if self.writer is not None:
-            for tag, value in metrics.items():
-                self.writer.add_scalar(tag, value, step)
-
-    def text(self, tag: str, value: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, value, 0)
-
-    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-
-    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
-
-    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> str | None:
-        """The model graph; returns why it was skipped, or None."""
-        return vis.add_graph(self.writer, model, example) if self.writer is not None else "tensorboard is off"
-
-    def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            vis.add_hparams(self.writer, hparams, metrics, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 # -- the run summary --------------------------------------------------------------------------------
 
 def exact_command() -> str:
@@ -209,7 +162,7 @@ class Monitor:
         self.mean, self.std = tuple(data.mean), tuple(data.std)
         self.epochs, self.steps_per_epoch, self.global_batch = epochs, steps_per_epoch, global_batch
         self.total_steps = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
-        self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=info.is_main and cfg.tensorboard)
+        self.tb = vis.TensorBoardLogger(self.run_dir / "tb", enabled=info.is_main and cfg.tensorboard)
         self.progress = Progress(cfg.progress, enabled=info.is_main, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self._mark = (time.perf_counter(), 0)  # (time, global step) of the last log point
         self._run_mark: tuple[float, int] | None = None  # (time, step) of this process's first step

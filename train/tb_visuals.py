@@ -1,4 +1,9 @@
-"""What TensorBoard shows beyond scalars: per-stage norms, image grids, feature maps, graph, hparams.
+"""TensorBoard: the writer of rank 0 (`TensorBoardLogger`), and what it shows beyond scalars: per-stage
+norms, image grids, feature maps, graph, hparams.
+
+`TensorBoardLogger.log` takes any dict of scalars, tag = key (torchtitan's `BaseLogger.log(metrics,
+step)`): nothing lists tags. On other ranks, or with `log.tensorboard: false`, every call is a
+no-op, so callers never test the rank.
 
 Everything here runs on rank 0 only and never between two steps without being asked: stage norms
 are two foreach kernels whose result stays on the device until the next logging point (where the
@@ -11,6 +16,7 @@ import copy
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -175,3 +181,49 @@ def add_hparams(writer, hparams: dict, metrics: dict[str, float], step: int) -> 
     own directory (run_name="."), not in a sub-run as `add_hparams` does by default."""
     tags = {f"hparams/{k}": (v if v is not None else math.nan) for k, v in metrics.items()}
     writer.add_hparams(hparams, tags, run_name=".", global_step=step)
+
+
+# -- the writer (rank 0) ---------------------------------------------------------------------------
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: Path, *, enabled: bool):
+        self.log_dir, self.writer = Path(log_dir), None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """One scalar per entry, tag = key (e.g. "train/loss")."""
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, value: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, value, 0)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> str | None:
+        """The model graph; returns why it was skipped, or None."""
+        return add_graph(self.writer, model, example) if self.writer is not None else "tensorboard is off"
+
+    def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            add_hparams(self.writer, hparams, metrics, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
