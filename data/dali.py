@@ -331,7 +331,8 @@ def _check_dali() -> None:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        raise DataError("data.loader: dali needs `pip install nvidia-dali-cuda120`") from None
+        raise DataError("data.loader: dali needs `pip install nvidia-dali-cuda130` (-cuda120 with a CUDA 12 "
+                        "torch)") from None
 
 
 def _common(cfg, info: RankInfo, seed: int, channels_last: bool) -> dict:
