@@ -168,7 +168,9 @@ class ModelConfig(Section):
     new_classifier: bool = knob(False, resume="recipe")  # with weights: re-initialise fc (transfer to other classes)
     channels_last: bool = knob(True, resume="free")
     sync_bn: bool = knob(True, resume="recipe")  # only when world_size > 1
-    compile: bool = knob(False, resume="free")
+    # torch.compile: auto = where the planned steps repay it (train/hardware.py compile_choice: fp32 on the
+    # CPU from 2000 steps per rank); on | off
+    compile: Literal["auto", "on", "off"] = knob("auto", resume="free")
 
 
 @dataclass

@@ -169,7 +169,7 @@ class Run:
 # -- building ------------------------------------------------------------------------------------
 
 def build_model(cfg, num_classes: int, info: DistInfo) -> tuple[nn.Module, nn.Module]:
-    """(model to train, possibly DDP-wrapped and compiled; the bare module for eval and saving)."""
+    """(model to train, possibly DDP-wrapped (build_run compiles it); the bare module for eval and saving)."""
     model = models.build(cfg.model, num_classes)
     if info.world_size > 1 and cfg.model.sync_bn:
         model = sync_batchnorm.convert(model, info.device)
@@ -182,8 +182,6 @@ def build_model(cfg, num_classes: int, info: DistInfo) -> tuple[nn.Module, nn.Mo
                     bucket_cap_mb=cfg.dist.bucket_cap_mb,
                     gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
                     static_graph=cfg.dist.static_graph)
-    if cfg.model.compile:
-        model = torch.compile(model)
     return model, bare
 
 
@@ -206,6 +204,8 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
         raise config_lib.ConfigError(f"data.global_batch: {split.global_batch} is more than the training set holds")
     model, bare = build_model(cfg, num_classes, info)
     amp, threads = hardware.choose(cfg, info, bare, split.batch, train_loader)  # probes cached; logged
+    planned = min(cfg.train.max_steps or math.inf, cfg.train.epochs * steps_per_epoch)
+    model = hardware.maybe_compile(cfg, info.device, model, amp, planned)  # model.compile: auto|on|off; logged
     plan = Plan(micro_batch=split.batch, accumulate=split.accumulate, global_batch=split.global_batch,
                 steps_per_epoch=steps_per_epoch, amp=amp, threads=threads)
 

@@ -313,7 +313,7 @@ class Watchdog:
         self.enabled = self.world > 1 and dist.is_initialized()
         self.backend = dist.get_backend() if self.enabled else ""
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.timer = (BusyTimer(run.model, run.bare, run.optimizer, forward=not run.cfg.model.compile)
+        self.timer = (BusyTimer(run.model, run.bare, run.optimizer, forward=not hasattr(run.model, "_orig_mod"))
                       if self.enabled and cfg.straggler_ratio else None)
         self.detector = StragglerDetector(cfg.straggler_ratio) if self.timer and self.rank == 0 else None
         self.store, self.store_host = None, ""
