@@ -724,7 +724,7 @@ def bench_config(a, loader: str, *, amp: str = "auto", compiled: bool = False, n
     cfg.data = dataclasses.replace(cfg.data, **{**dict(root=str(a.work / "imagenet"), loader=loader, batch_size=a.batch,
                                                       train_crop=a.size, val_resize=a.size * 8 // 7, val_crop=a.size,
                                                       workers=a.workers), **data})
-    cfg.model = dataclasses.replace(cfg.model, name=a.model, channels_last=True, compile=compiled)
+    cfg.model = dataclasses.replace(cfg.model, name=a.model, channels_last=True, compile="on" if compiled else "off")
     cfg.train = dataclasses.replace(cfg.train, amp=amp, epochs=1000, resume="off")
     cfg.log = dataclasses.replace(cfg.log, dir=str(a.work / "runs"), name=name, tensorboard=False, progress="off",
                                   grad_norm_every=0, images=False, feature_maps=False, graph=False)
