@@ -222,15 +222,38 @@ def test_probe_times_both_dtypes_and_leaves_the_model_alone():
 def test_compile_auto_where_the_planned_steps_repay_it(monkeypatch):
     monkeypatch.setattr(hardware, "c_compiler", lambda: "/usr/bin/g++")
     choice = hardware.compile_choice
-    assert choice("auto", CPU, "off", 937) == (False, "auto: 937 planned steps per rank do not repay compiling in "
-                                               "fp32 (from 2000: 1.22-1.30x faster after ~1 min of compiling)")
-    assert choice("auto", CPU, "off", 2000)[0]  # e.g. the 36-epoch recipe in fp32: 8424 steps per rank
+    demo_fp32 = 937 * 0.31  # planned steps per rank x probed seconds: the demo in fp32, ~5 min
+    assert choice("auto", CPU, "off", demo_fp32) == (
+        False, "auto: ~5 min of fp32 compute planned per rank; compiling repays itself from ~44 min (saves >= 18% "
+               "of a step, up to 4 min to compile, 2x margin)")
+    assert choice("auto", CPU, "off", 36 * 234 * 0.46)[0]  # the 36-epoch recipe in fp32: ~65 min
     assert not choice("auto", CPU, "bf16", 10**6)[0]  # bf16: 0.89-1.29x, not reliably worth it
     assert not choice("auto", torch.device("cuda", 0), "bf16", 10**6)[0]  # GPUs: eager unless asked
-    assert choice("on", CPU, "bf16", 1) == (True, "set in the config")
-    assert choice(True, CPU, "off", 1)[0] and not choice(False, CPU, "off", 10**6)[0]  # a bool from code
+    assert choice("on", CPU, "bf16") == (True, "set in the config")
+    assert choice(True, CPU, "off")[0] and not choice(False, CPU, "off", 10**6)[0]  # a bool from code
     monkeypatch.setattr(hardware, "c_compiler", lambda: None)
     assert choice("auto", CPU, "off", 10**6) == (False, "auto: no C++ compiler for inductor (install g++ or set CXX)")
+
+
+def test_maybe_compile_times_a_step_once_and_logs_the_line(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from train.config import load
+
+    caplog.set_level("INFO", logger="resnet")
+    monkeypatch.setattr(hardware, "c_compiler", lambda: "/usr/bin/g++")
+    calls = []
+    monkeypatch.setattr(hardware, "probe_threads", lambda *a: calls.append(a) or {a[-1][0]: 0.5})
+    monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))
+    cfg = load(None, ["train.amp=off"], check_data=False)
+    info = SimpleNamespace(device=CPU, world_size=1, local_rank=0, local_world_size=1)
+    model = torch.nn.Linear(2, 2)
+    assert hardware.maybe_compile(cfg, info, model, model, "off", 1000, 64) is model  # 500 s: eager
+    assert hardware.maybe_compile(cfg, info, model, model, "off", 10_000, 64) == ("compiled", model)  # 83 min
+    assert len(calls) == 1  # the step's time is cached
+    assert caplog.records[-1].getMessage().startswith("compile on: auto: ~83 min of fp32 compute planned per rank")
+    assert caplog.records[-1].getMessage().endswith(" (10000 steps x 0.50 s)")
+    assert hardware.maybe_compile(cfg, info, model, model, "bf16", 10**6, 64) is model and len(calls) == 1
 
 
 def test_model_compile_key_takes_auto_on_off_and_yaml_booleans(tmp_path):

@@ -291,7 +291,14 @@ def _cached(name: str, key: str, measure: Callable[[], dict], write: bool) -> tu
 
 # -- torch.compile --------------------------------------------------------------------------------
 
-COMPILE_MIN_STEPS = 2000  # planned optimizer steps per rank from which `model.compile: auto` compiles
+# What compiling costs and gives on the CPU (benchmarks/compile_cpu.py on the Xeon, 1 thread, cold
+# inductor cache, loaded; docs/cpu.md): in fp32 the step was 1.22x faster for resnet20 at 28 px
+# (51 s of compiling, repaid after ~900 steps), 1.30x for resnet18 and 1.23x for resnet50 at 224 px
+# (133 s and 235 s, repaid after 44 and 190 steps). In bf16: 1.29x (resnet20, repaid after ~1400
+# steps), 1.04x (resnet50), 0.89x (resnet18): not reliably worth it.
+COMPILE_S = 240  # the slowest compile measured (resnet50)
+FP32_SAVES = 1 - 1 / 1.22  # the least share of an fp32 step that compiling saved
+COMPILE_MIN_S = 2 * COMPILE_S / FP32_SAVES  # planned eager seconds from which compiling repays it twice: ~44 min
 
 
 def c_compiler() -> str | None:
@@ -299,18 +306,14 @@ def c_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
 
 
-def compile_choice(requested, device: torch.device, amp: str, steps: int) -> tuple[bool, str]:
-    """(compile, why) for `model.compile=requested` (auto | on | off; a bool from code is on/off)
-    on a run of `steps` planned optimizer steps per rank.
+def compile_choice(requested, device: torch.device, amp: str, planned_s: float = 0.0) -> tuple[bool, str]:
+    """(compile, why) for `model.compile=requested` (auto | on | off; a bool from code is on/off);
+    `planned_s`: the run's planned eager compute per rank in seconds (planned steps x a probed step).
 
-    `auto` compiles only where the planned steps repay it (benchmarks/compile_cpu.py on the Xeon,
-    1 thread, cold inductor cache; docs/cpu.md): in fp32 inductor made the step 1.22x faster for
-    resnet20 at 28 px (51 s of compiling, repaid after ~900 steps), 1.30x for resnet18 and 1.23x
-    for resnet50 at 224 px (repaid after 44 and 190 steps), so `auto` compiles fp32 runs from
-    COMPILE_MIN_STEPS steps (twice the slowest break-even: the demo's 937 steps stay eager). In
-    bf16 the gain was 1.29x (resnet20, repaid after ~1400 steps), 1.04x (resnet50) and 0.89x
-    (resnet18): not reliably worth it, so `auto` leaves bf16 eager. Not measured on a GPU here:
-    `auto` keeps it eager there; `on` compiles anywhere.
+    `auto` compiles where the planned steps repay it twice over: on the CPU in fp32, from COMPILE_MIN_S
+    of planned compute (the demo in fp32, ~5 min, stays eager; a 36-epoch fp32 run compiles). It
+    leaves bf16 eager (see the gains above), GPUs eager (not measured here: today's behaviour), and
+    machines without a C++ compiler (inductor needs one on the CPU). `on` compiles anywhere.
     """
     requested = {True: "on", False: "off"}.get(requested, requested)
     if requested != "auto":
@@ -321,16 +324,29 @@ def compile_choice(requested, device: torch.device, amp: str, steps: int) -> tup
         return False, f"auto: {amp} gained 0.89-1.29x from compiling, not reliably worth its compile time"
     if c_compiler() is None:
         return False, "auto: no C++ compiler for inductor (install g++ or set CXX)"
-    if steps < COMPILE_MIN_STEPS:
-        return False, (f"auto: {steps} planned steps per rank do not repay compiling in fp32 "
-                       f"(from {COMPILE_MIN_STEPS}: 1.22-1.30x faster after ~1 min of compiling)")
-    return True, (f"auto: {steps} planned steps per rank >= {COMPILE_MIN_STEPS} repay compiling in fp32 "
-                  "(1.22-1.30x faster after ~1 min of compiling)")
+    line = (f"~{planned_s / 60:.0f} min of fp32 compute planned per rank; compiling repays itself from "
+            f"~{COMPILE_MIN_S / 60:.0f} min (saves >= {FP32_SAVES:.0%} of a step, up to {COMPILE_S / 60:.0f} min "
+            "to compile, 2x margin)")
+    return planned_s >= COMPILE_MIN_S, f"auto: {line}"
 
 
-def maybe_compile(cfg, device: torch.device, model: nn.Module, amp: str, steps: int) -> nn.Module:
-    """`model` compiled (torch.compile) if `compile_choice` says so; logged in one line."""
-    on, why = compile_choice(cfg.model.compile, device, amp, steps)
+def maybe_compile(cfg, info, model: nn.Module, bare: nn.Module, amp: str, steps: float, batch: int) -> nn.Module:
+    """`model` compiled (torch.compile) if `compile_choice` says so for `steps` planned optimizer steps
+    of `batch` samples per rank; logged in one line. Where `auto` needs it, one forward/backward of
+    `bare` is timed at the rank's threads (cached like the other probes; the mean over ranks)."""
+    planned_s = None
+    if cfg.model.compile == "auto" and info.device.type == "cpu" and amp == "off" and c_compiler():
+        cpu, threads = cpu_info(), torch.get_num_threads()
+        key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
+               f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|threads {threads}")
+        step, _ = _cached("step", key, lambda: {"s": probe_threads(bare, batch, cfg.data.train_crop,
+                                                                   cfg.model.channels_last, amp, (threads,))[threads]},
+                          info.local_rank == 0)
+        (mean,) = _mean_over_ranks(info)([step["s"]])
+        planned_s = steps * mean
+    on, why = compile_choice(cfg.model.compile, info.device, amp, planned_s or 0.0)
+    if planned_s is not None:
+        why += f" ({steps:.0f} steps x {mean:.2f} s)"
     log.info("compile %s: %s", "on" if on else "off", why)
     return torch.compile(model) if on else model
 

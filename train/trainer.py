@@ -205,7 +205,7 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
     model, bare = build_model(cfg, num_classes, info)
     amp, threads = hardware.choose(cfg, info, bare, split.batch, train_loader)  # probes cached; logged
     planned = min(cfg.train.max_steps or math.inf, cfg.train.epochs * steps_per_epoch)
-    model = hardware.maybe_compile(cfg, info.device, model, amp, planned)  # model.compile: auto|on|off; logged
+    model = hardware.maybe_compile(cfg, info, model, bare, amp, planned, split.batch)  # model.compile; logged
     plan = Plan(micro_batch=split.batch, accumulate=split.accumulate, global_batch=split.global_batch,
                 steps_per_epoch=steps_per_epoch, amp=amp, threads=threads)
 
