@@ -131,6 +131,8 @@ def test_threads_that_do_not_help_are_not_taken():
     # a loaded machine: 2 threads slower than 1 (the other jobs hold the second core): 1 thread, even
     # though decode is cheap
     assert hardware.split_threads(2, 2, {1: 1.0, 2: 1.2}, decode=0.01)[0] == 1
+    assert hardware.split_threads(2, 2, {1: 1.0, 2: 0.9}, decode=0.01)[0] == 1  # 1.11x: within the margin
+    assert hardware.split_threads(2, 2, {1: 1.0, 2: 0.7}, decode=0.01)[0] == 2
 
 
 def test_nothing_to_split():
