@@ -9,7 +9,7 @@ number of workers, the world size or where the run was resumed.
 from __future__ import annotations
 
 import functools
-import time
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -53,6 +53,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, split: folder.Split, transform: Callable[[int], v2.Transform], erasing: float = 0.0):
         self.split, self.make_transform, self.transforms = split, transform, {}
         self.erasing = augment.ErasingBox(p=erasing) if erasing else None
+        self.nice = 0  # added to a worker's nice value when it starts (_init_worker)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -127,12 +128,15 @@ class TorchTrainLoader(DeviceBatches):
     def __init__(self, sampler: GlobalBatchSampler, **kw):
         super().__init__(**kw)
         self.sampler = sampler
-        self.split = self.loader.dataset.split  # what train/hardware.py's decode probe reads
         self.num_samples = sampler.n
         self.steps_per_epoch = sampler.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_sample)
+
+    def set_decode_nice(self, nice: int) -> None:
+        """The workers' nice increment, before they start (train/hardware.py decides it)."""
+        self.loader.dataset.nice = nice
 
 
 class TorchValLoader(DeviceBatches):
@@ -156,23 +160,12 @@ def _common(cfg, info: RankInfo, channels_last: bool) -> tuple[dict, dict]:
             dict(device=info.device, mean=mean, std=std, channels_last=channels_last))
 
 
-def decode_seconds(cfg, split: folder.Split, samples: int = 8) -> float:
-    """CPU seconds one worker takes to read, decode and augment one training sample at
-    `cfg.train_crop`: the mean over `samples` spread over the split after a warm-up, on one thread
-    as in a worker. train/hardware.py weighs it against the step to split the rank's cores. DALI's
-    CPU decoding of the same samples is cheaper (1.75x the torch loader's rate): an upper bound."""
-    dataset = ImageFolderDataset(split, functools.partial(train_transform, cfg), cfg.random_erasing)
-    picks = np.linspace(0, len(split) - 1, samples + 1).astype(int)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dataset[(int(picks[0]), 0, cfg.train_crop)]
-        t0 = time.perf_counter()
-        for i in picks[1:]:
-            dataset[(int(i), int(i), cfg.train_crop)]
-        return (time.perf_counter() - t0) / samples
-    finally:
-        torch.set_num_threads(threads)
+def _init_worker(worker_id: int) -> None:
+    """A decode worker beside intra-op threads on the same cores runs nicer (train/hardware.py
+    `cpu_threads`), so that it decodes in their gaps instead of holding them up."""
+    nice = torch.utils.data.get_worker_info().dataset.nice
+    if nice:
+        os.nice(nice)
 
 
 def build(cfg, info: RankInfo, *, seed: int, channels_last: bool, batch: int | None = None):
@@ -183,7 +176,8 @@ def build(cfg, info: RankInfo, *, seed: int, channels_last: bool, batch: int | N
     common, kw = _common(cfg, info, channels_last)
     train = DataLoader(ImageFolderDataset(train_split, functools.partial(train_transform, cfg), cfg.random_erasing),
                        batch_size=batch, sampler=SizedKeys(sampler, lambda epoch: train_crop_at(cfg, epoch)),
-                       drop_last=True, prefetch_factor=4 if cfg.workers else None, **common)
+                       drop_last=True, prefetch_factor=4 if cfg.workers else None, worker_init_fn=_init_worker,
+                       **common)
     return (TorchTrainLoader(sampler, loader=train, **kw), _val(cfg, val_split, info, seed, common, kw),
             train_split.classes)
 

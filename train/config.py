@@ -278,7 +278,7 @@ class DistConfig(Section):
     bucket_cap_mb: int = knob(25, resume="free", check=positive)
     gradient_as_bucket_view: bool = knob(True, resume="free")
     static_graph: bool = knob(False, resume="free")
-    # intra-op threads per rank; 0 = its share of the node's CPUs (less loader workers)
+    # intra-op threads per rank; 0 = from its share of the node's CPUs (train/hardware.py `choose`)
     cpu_threads: int = knob(0, resume="free", check=non_negative)
     # hangs and stragglers (train/watchdog.py, docs/reliability.md): after a rank's first 2 steps
     # the collective timeout drops from timeout_s (start-up, staging) to train_timeout_s (0: keep

@@ -1,4 +1,5 @@
-"""The fast path for the machine a rank runs on: autocast dtype, CPU threads per rank, TF32.
+"""The fast path for the machine a rank runs on: autocast dtype, CPU threads per rank, TF32,
+torch.compile; all decided in `choose` and `maybe_compile`, each logged in one line.
 
 Why this is decided at run time and not in the recipe: bf16 autocast trains resnet20 1.7x
 faster than fp32 on an AMX Xeon and 10x *slower* on an AVX2-only EPYC, where oneDNN emulates
@@ -10,6 +11,7 @@ bf16 (benchmarks/cpu_switches.py). So `train.amp=auto` picks:
     forward/backward of the actual model at the actual batch in fp32 and in bf16 and keeps
     the faster, cached per CPU model in ~/.cache/resnet-train/amp.json.
 Every rank sums the probe's timings with the others, so all ranks pick the same dtype.
+Threads: `split_threads` (why a probe and not a fixed rule: docs/cpu.md). Compile: `compile_choice`.
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ def allow_tf32() -> None:
 
 # -- threads --------------------------------------------------------------------------------------
 
-BUSY_MAX = 0.10  # decode may occupy the cores this share of a step before compute gives cores up
 THREADS_MARGIN = 0.8  # all threads must take < 80 % of one thread's step: other jobs may hold cores
+DECODE_NICE = 10  # decode workers that share the compute cores run this much nicer
 
 
 def cpu_share(cpus: int, sharing: int) -> int:
@@ -209,37 +211,31 @@ def accelerator_threads(share: int, loader_workers: int) -> int:
     return max(1, share - loader_workers)
 
 
-def split_threads(share: int, workers: int, step: dict[int, float], decode: float) -> tuple[int, str]:
-    """(intra-op threads, why) for a CPU rank with `share` CPUs and `workers` decode workers on
-    them (torch loader processes or DALI CPU threads). `step[1]` and `step[share]`: seconds of one
-    forward/backward at 1 and at `share` threads; `decode`: CPU seconds one worker takes to decode
-    and augment one batch.
+def cpu_threads(share: int, workers: int, step: dict[int, float]) -> tuple[int, int, str]:
+    """(intra-op threads, nice of the decode workers, why) for a CPU rank with `share` CPUs and
+    `workers` torch decode workers on them; `step[1]`, `step[share]`: the probe's seconds of one
+    forward/backward at 1 and at `share` threads.
 
-    All of the share computes while the workers would keep the cores busy for at most BUSY_MAX of a
-    step (mostly idle workers rarely interrupt the intra-op threads) and all threads are clearly
-    faster than one (THREADS_MARGIN; not so where other jobs hold cores): resnet18 at 224 px trains 2x
-    faster on 2 threads than on 1 beside 2 torch workers that decode ~1 % of a step. Beyond it,
-    compute and decode get cores of their own, split so that they finish together: where workers
-    share the compute cores for much of a step, each interrupted thread holds up the others at
-    every op (resnet20 at 32 px from 500x375 JPEGs, decode ~40 % of a step: 2 threads trained 3x
-    slower than 1, with the workers niced or OpenMP's spin shortened alike; docs/cpu.md).
+    All of the share computes, beside decode workers at a lower priority (DECODE_NICE): they decode
+    in the gaps and yield when the intra-op threads want their cores. Quiet, on 2 cores with 2
+    workers (benchmarks/cpu_split.py; docs/cpu.md): resnet18 at 224 px in fp32, compute-bound,
+    trained 1.87x faster on 2 threads than on 1 (1.85x with the workers niced); resnet20 at 32 px
+    from 500x375 JPEGs, where decoding takes half as long as the step, 1.04x on 2 threads but
+    1.21x with the workers at nice 10 (fp32: 1.32x, 1.43x). The rule before, the share less the
+    workers, left 1 thread: 0.57x a plain peer script (issue 23). Where other jobs hold the cores,
+    more threads lose (resnet18 fp32 0.77x on 2 threads, bf16 0.29x) and niced workers starve, so
+    the share computes only if the probe finds all threads clearly faster (THREADS_MARGIN); else
+    one thread, the workers at their normal priority.
     """
-    if workers == 0 or share == 1:
-        why = "no decode workers beside it" if workers == 0 else "one CPU"
-        return share, f"all {share} CPU(s) of the rank's share compute ({why})"
+    if share == 1:
+        return 1, 0, "the rank's share is one CPU"
     c1, cn = step[1], step[share]
-    cores = min(workers, share)
-    busy = decode / cores / cn
-    numbers = (f"probe: 1 thread {1e3 * c1:.0f} ms, {share} threads {1e3 * cn:.0f} ms per forward/backward; "
-               f"decode {1e3 * decode:.0f} ms per batch per worker, {busy:.0%} of a step on {cores} cores")
-    if busy <= BUSY_MAX and cn < THREADS_MARGIN * c1:
-        return share, f"all {share} CPUs compute beside {workers} mostly idle decode workers ({numbers})"
-    # Amdahl's serial fraction from the two timings gives the step at t threads
-    serial = min(1.0, max(0.0, (cn / c1 - 1 / share) / (1 - 1 / share)))
-    est = {t: max(c1 * (serial + (1 - serial) / t), decode / min(workers, share - t)) for t in range(1, share)}
-    threads = min(est, key=lambda t: (est[t], -t))  # a tie: decode is the limit, compute keeps the margin
-    return threads, (f"{threads} of {share} CPUs compute, {share - threads} decode ({workers} workers), "
-                     f"est. {1e3 * est[threads]:.0f} ms per step ({numbers})")
+    numbers = f"probe: 1 thread {1e3 * c1:.0f} ms, {share} threads {1e3 * cn:.0f} ms per forward/backward"
+    if cn < THREADS_MARGIN * c1:
+        beside = f"; {workers} decode workers beside them at nice +{DECODE_NICE}" if workers else ""
+        return share, DECODE_NICE if workers else 0, f"all {share} CPUs of the rank's share compute{beside} ({numbers})"
+    return 1, 0, (f"{share} threads were not {1 / THREADS_MARGIN:.2f}x faster than 1 (other jobs holding cores?); "
+                  f"1 thread ({numbers})")
 
 
 def probe_threads(model: nn.Module, batch: int, crop: int, channels_last: bool, amp: str,
@@ -387,26 +383,18 @@ def _mean_over_ranks(info) -> Callable[[list[float]], list[float]]:
     return mean
 
 
-def _train_split(loader):
-    """The `data.folder.Split` a train loader reads (through MixLoader's `.loader`), or None."""
-    while loader is not None and not hasattr(loader, "split"):
-        loader = getattr(loader, "loader", None)
-    return getattr(loader, "split", None)
-
-
 def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, int]:
     """(amp, intra-op threads) of this rank, each logged in one line; `model` is the bare module,
-    `batch` the micro-batch, `train_loader` the loader whose samples the decode probe times
-    (synthetic data has none: nothing to decode).
+    `batch` the micro-batch; `train_loader`'s decode workers are told their priority.
 
     Threads are decided here only: `dist.cpu_threads`, then an exported OMP_NUM_THREADS other than
     torchrun's 1, win; else the rank's share (`cpu_share`), on a GPU less its torch decode workers
-    (`accelerator_threads`), on the CPU split by a probe (`split_threads`) cached like the amp one.
-    Every rank averages the probes' timings with the others, so all ranks choose alike.
+    (`accelerator_threads`), on the CPU by `cpu_threads` from a probe cached like the amp one
+    (not when the load average exceeded the CPUs: a loaded probe decides that run only). Every
+    rank averages the probes' timings with the others, so all ranks choose alike.
     """
     user = os.environ.get("OMP_NUM_THREADS", "1")
-    split = _train_split(train_loader)
-    workers = _decode_workers(cfg, info.device) if split is not None else 0
+    workers = _decode_workers(cfg, info.device)
     reduce = _mean_over_ranks(info)
     share = _share(info)  # collective: every rank calls it
     fixed = cfg.dist.cpu_threads or (int(user) if user != "1" else 0)
@@ -423,38 +411,38 @@ def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, 
     log.info("amp %s: %s", amp, why)
 
     if fixed:
-        why = "dist.cpu_threads" if cfg.dist.cpu_threads else "OMP_NUM_THREADS"
-        log.info("threads %d: set by %s", threads, why)
-    elif info.device.type != "cpu":
+        log.info("threads %d: set by %s", threads, "dist.cpu_threads" if cfg.dist.cpu_threads else "OMP_NUM_THREADS")
+        return amp, threads
+    if info.device.type != "cpu":
         log.info("threads %d: the rank's %d CPUs less %d decode workers (the GPU computes)", threads, share, workers)
-    else:
-        cpu = cpu_info()
-        counts = tuple(sorted({1, share}))
-        key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
-               f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|{cfg.data.loader} "
-               f"x{workers}|share {share}|ranks/node {info.local_world_size}")
-
-        def measure() -> dict:
-            from data.torch_loader import decode_seconds
-
-            step = probe_threads(model, batch, cfg.data.train_crop, cfg.model.channels_last, amp, counts)
-            return {"step_1": step[1], "step_share": step[share], "decode": decode_seconds(cfg.data, split) * batch}
-
-        probed = share > 1 and workers > 0
-        # a probe taken while other processes hold the CPUs decides this run only: 2 threads were
-        # slower than 1 at load 5 on 2 cores, 2x faster when quiet
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        busy = load > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else False
-        measured, fresh = (_cached("threads", key, measure, info.local_rank == 0 and not busy) if probed
-                           else ({"step_1": 0.0, "step_share": 0.0, "decode": 0.0}, False))
-        # the mean over the ranks that probed (all call the collective; a rank with one CPU has nothing to split)
-        c1, cn, dec, n = reduce([measured["step_1"], measured["step_share"], measured["decode"], float(probed)])
-        threads, why = split_threads(share, workers, {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)},
-                                     dec / max(n, 1e-9)) if probed else split_threads(share, workers, {}, 0.0)
-        if probed and not fresh:
-            why += f" [cached in {cache_path().with_name('threads.json')}]"
-        elif probed and busy:
-            why += f" [not cached: load average {load:.1f} on {len(os.sched_getaffinity(0))} CPUs]"
-        torch.set_num_threads(threads)
-        log.info("threads %d: %s", threads, why)
+        return amp, threads
+    cpu = cpu_info()
+    key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
+           f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|share {share}|"
+           f"ranks/node {info.local_world_size}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = load > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else False
+    probed = share > 1
+    measured, fresh = (_cached("threads", key, lambda: {str(t): s for t, s in probe_threads(
+        model, batch, cfg.data.train_crop, cfg.model.channels_last, amp, (1, share)).items()},
+        info.local_rank == 0 and not busy) if probed else ({"1": 0.0}, False))
+    # the mean over the ranks that probed (all call the collective)
+    c1, cn, n = reduce([measured["1"], measured.get(str(share), 0.0), float(probed)])
+    threads, nice, why = cpu_threads(share, workers, {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)})
+    if probed and not fresh:
+        why += f" [cached in {cache_path().with_name('threads.json')}]"
+    elif probed and busy:
+        why += f" [not cached: load average {load:.1f} on {len(os.sched_getaffinity(0))} CPUs]"
+    torch.set_num_threads(threads)
+    decode = _find(train_loader, "set_decode_nice")
+    if decode is not None:
+        decode.set_decode_nice(nice)
+    log.info("threads %d: %s", threads, why)
     return amp, threads
+
+
+def _find(loader, attr: str):
+    """The loader in a chain of wrappers (MixLoader's `.loader`) that has `attr`, or None."""
+    while loader is not None and not hasattr(loader, attr):
+        loader = getattr(loader, "loader", None)
+    return loader
