@@ -428,7 +428,8 @@ def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, 
         info.local_rank == 0 and not busy) if probed else ({"1": 0.0}, False))
     # the mean over the ranks that probed (all call the collective)
     c1, cn, n = reduce([measured["1"], measured.get(str(share), 0.0), float(probed)])
-    threads, nice, why = cpu_threads(share, workers, {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)})
+    torch_workers = cfg.data.workers if cfg.data.loader == "torch" else 0  # DALI's threads keep their priority
+    threads, nice, why = cpu_threads(share, torch_workers, {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)})
     if probed and not fresh:
         why += f" [cached in {cache_path().with_name('threads.json')}]"
     elif probed and busy:
