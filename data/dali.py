@@ -21,6 +21,7 @@ pixel for pixel; its distribution does (crop, flip, `data.auto_augment` through
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,12 @@ from data.sampler import GlobalBatchSampler, train_crop_at, val_range
 PREALLOCATE = dict(device_memory_padding=211025920, host_memory_padding=140544512,
                    preallocate_width_hint=5980, preallocate_height_hint=6430)
 READ_AHEAD = 4  # batches of file bytes read ahead of what the pipeline asked for
+
+# A DALI pipeline is not fork-safe: a forked child (a torch DataLoader worker) whose cyclic GC
+# collects a pipeline it inherited crashes in DALI's teardown, whose threads exist only in the parent
+# (a segfault in CI: one test's dropped DALI loader, the next test's torch workers). A child never uses
+# what it inherited, so it freezes it: its GC leaves those objects alone (tests/test_dali.py).
+os.register_at_fork(after_in_child=gc.freeze)
 
 
 class Feed:

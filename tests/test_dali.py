@@ -319,3 +319,29 @@ def test_keepalive_holds_batches_until_the_stream_passed_them():
     cpu = dali.KeepAlive(CPU)
     cpu.hold(object())
     assert cpu.last is None and not cpu.held  # the CPU pipeline's outputs are torch's own copies
+
+
+def _collect(_worker_id):
+    import gc
+
+    gc.collect()
+
+
+def test_forked_worker_never_tears_down_an_inherited_pipeline(messy):
+    """A DALI loader dropped in a reference cycle, then torch workers forked, each collecting at start:
+    without the freeze in data/dali.py the worker's GC runs DALI's teardown and segfaults."""
+    import gc
+
+    gc.disable()  # the loader stays garbage in the parent until the workers have forked
+    try:
+        ld = dali.build(config(messy[0]), at(0, 1), seed=0, channels_last=False)[0]
+        ld.set_epoch(0)
+        next(iter(ld))
+        cycle = [ld]
+        cycle.append(cycle)
+        del ld, cycle
+        workers = torch.utils.data.DataLoader(range(8), batch_size=2, num_workers=2, worker_init_fn=_collect)
+        assert [b.tolist() for b in workers] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    finally:
+        gc.enable()
+        gc.collect()
