@@ -7,7 +7,9 @@ Rows (torchvision's resnet18, batch 64, 224 px, one process, 2 loader workers, S
                  (RandomResizedCrop antialiased, flip, PILToTensor, ToDtype, Normalize), 2 intra-op
                  threads, fp32, loss and top-1 read every step as its MetricLogger does
   ours_fp32      train/main.py, configs/imagenet_resnet18.yaml with the torch loader, data.workers=2,
-                 `train.amp=off model.channels_last=false`: what a CPU without native bf16 gets
+                 `train.amp=off model.channels_last=false`: fp32 in the peers' memory layout
+  ours_fp32_cl   `train.amp=off` with the config's channels_last: what `amp: auto` gives a CPU
+                 without native bf16
   ours_defaults  the same with the config's defaults (amp auto, channels_last)
   ours_dali      the defaults with the config's own loader (DALI decoding on the CPU)
 Every row is its own process (so `--avx2` can set ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
@@ -16,7 +18,7 @@ Rows alternate within each repeat, in reverse order every other repeat, so that 
 speed and the load of other jobs hit all of them; the ratios are the medians of the per-repeat
 ratios. The load average before each run is printed: on a shared machine quote min and median.
 
-    python benchmarks/plain_loop.py [--rows plain tv_reference ours_fp32 ours_defaults] [--repeats 3] [--avx2]
+    python benchmarks/plain_loop.py [--rows plain tv_reference ours_fp32 ours_fp32_cl ours_defaults] [--repeats 3] [--avx2]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 OURS = {"ours_fp32": ["data.loader=torch", "train.amp=off", "model.channels_last=false"],
+        "ours_fp32_cl": ["data.loader=torch", "train.amp=off"],
         "ours_defaults": ["data.loader=torch"], "ours_dali": []}
 ROWS = ["plain", "tv_reference", *OURS]
 
@@ -122,7 +125,7 @@ def ours(row: str, root: Path, batch: int, steps: int, warmup: int, tmp: Path, e
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", nargs="+", default=ROWS[:4], choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=ROWS[:5], choices=ROWS)
     p.add_argument("--images", type=int, default=640)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="a multiple of --warmup")

@@ -200,15 +200,21 @@ def test_decode_workers_start_at_the_nice_they_were_given(tiny_data):
 
 def test_compile_auto_where_the_planned_steps_repay_it(monkeypatch):
     monkeypatch.setattr(hardware, "c_compiler", lambda: "/usr/bin/g++")
-    choice = hardware.compile_choice
+
+    def choice(requested, device, amp, planned=0.0, crop=28):
+        return hardware.compile_choice(requested, device, amp, planned, crop=crop)
+
     demo_fp32 = 937 * 0.31  # planned steps per rank x probed seconds: the demo in fp32, ~5 min
     assert choice("auto", CPU, "off", demo_fp32) == (
-        False, "auto: ~5 min of fp32 compute planned per rank; compiling repays itself from ~44 min (saves >= 18% "
-               "of a step, up to 4 min to compile, 2x margin)")
+        False, "auto: ~5 min of fp32 compute planned per rank; compiling repays itself from ~10 min (saves >= 13% "
+               "of a step at <= 64 px, ~40 s to compile, 2x margin)")
     assert choice("auto", CPU, "off", 36 * 234 * 0.46)[0]  # the 36-epoch recipe in fp32: ~65 min
+    assert choice("auto", CPU, "off", 36 * 234 * 0.46, crop=64)[0]
+    assert choice("auto", CPU, "off", 10**6, crop=224) == (  # resnet18 at 224 px: 0.97-1.02x
+        False, "auto: at 224 px compiling gained 0.97-1.02x in fp32 (resnet18 at 224 px), eager")
     assert not choice("auto", CPU, "bf16", 10**6)[0]  # bf16: 0.89-1.29x, not reliably worth it
     assert not choice("auto", torch.device("cuda", 0), "bf16", 10**6)[0]  # GPUs: eager unless asked
-    assert choice("on", CPU, "bf16") == (True, "set in the config")
+    assert choice("on", CPU, "bf16", crop=224) == (True, "set in the config")
     assert choice(True, CPU, "off")[0] and not choice(False, CPU, "off", 10**6)[0]  # a bool from code
     monkeypatch.setattr(hardware, "c_compiler", lambda: None)
     assert choice("auto", CPU, "off", 10**6) == (False, "auto: no C++ compiler for inductor (install g++ or set CXX)")
@@ -224,9 +230,11 @@ def test_maybe_compile_times_a_step_once_and_logs_the_line(monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(hardware, "probe_threads", lambda *a: calls.append(a) or {a[-1][0]: 0.5})
     monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))
-    cfg = load(None, ["train.amp=off"], check_data=False)
+    cfg = load(None, ["train.amp=off", "data.train_crop=32"], check_data=False)
     info = SimpleNamespace(device=CPU, world_size=1, local_rank=0, local_world_size=1)
     model = torch.nn.Linear(2, 2)
+    large = load(None, ["train.amp=off"], check_data=False)  # 224 px: eager without timing a step
+    assert hardware.maybe_compile(large, info, model, model, "off", 10**6, 64) is model and calls == []
     assert hardware.maybe_compile(cfg, info, model, model, "off", 1000, 64) is model  # 500 s: eager
     assert hardware.maybe_compile(cfg, info, model, model, "off", 10_000, 64) == ("compiled", model)  # 83 min
     assert len(calls) == 1  # the step's time is cached

@@ -169,7 +169,7 @@ class ModelConfig(Section):
     channels_last: bool = knob(True, resume="free")
     sync_bn: bool = knob(True, resume="recipe")  # only when world_size > 1
     # torch.compile: auto = where the planned steps repay it (train/hardware.py compile_choice: fp32 on the
-    # CPU from ~45 min of planned compute per rank); on | off
+    # CPU at crops <= 64 px from ~10 min of planned compute per rank); on | off
     compile: Literal["auto", "on", "off"] = knob("auto", resume="free")
 
 

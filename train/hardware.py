@@ -11,7 +11,7 @@ bf16 (benchmarks/cpu_switches.py). So `train.amp=auto` picks:
     forward/backward of the actual model at the actual batch in fp32 and in bf16 and keeps
     the faster, cached per CPU model in ~/.cache/resnet-train/amp.json.
 Every rank sums the probe's timings with the others, so all ranks pick the same dtype.
-Threads: `split_threads` (why a probe and not a fixed rule: docs/cpu.md). Compile: `compile_choice`.
+Threads: `cpu_threads` (why this rule: docs/cpu.md). Compile: `compile_choice`.
 """
 
 from __future__ import annotations
@@ -293,14 +293,17 @@ def _cached(name: str, key: str, measure: Callable[[], dict], write: bool) -> tu
 
 # -- torch.compile --------------------------------------------------------------------------------
 
-# What compiling costs and gives on the CPU (benchmarks/compile_cpu.py on the Xeon, 1 thread, cold
-# inductor cache, loaded; docs/cpu.md): in fp32 the step was 1.22x faster for resnet20 at 28 px
-# (51 s of compiling, repaid after ~900 steps), 1.30x for resnet18 and 1.23x for resnet50 at 224 px
-# (133 s and 235 s, repaid after 44 and 190 steps). In bf16: 1.29x (resnet20, repaid after ~1400
-# steps), 1.04x (resnet50), 0.89x (resnet18): not reliably worth it.
-COMPILE_S = 240  # the slowest compile measured (resnet50)
-FP32_SAVES = 1 - 1 / 1.22  # the least share of an fp32 step that compiling saved
-COMPILE_MIN_S = 2 * COMPILE_S / FP32_SAVES  # planned eager seconds from which compiling repays it twice: ~44 min
+# What compiling costs and gives on the CPU in fp32 (benchmarks/compile_cpu.py, Xeon, cold inductor
+# cache, quiet, 2026-12-06; docs/cpu.md): resnet20 at 28 px, batch 128: 1.17x on 1 thread, 1.15x on 2
+# (31-32 s of compiling, repaid after 667 and 1331 steps); resnet18 at 224 px, batch 64: 0.99x on 1
+# thread, 1.02x on 2, 0.97x on 2 with AVX2 kernels (32-38 s). At a large input the step is oneDNN's
+# convolutions either way; what inductor fuses, the elementwise rest, weighs only at small inputs.
+# (Earlier runs under load had shown 1.22-1.30x at 224 px; quiet, that did not hold.) bf16 gained
+# 0.89-1.29x, under load: not reliably worth it.
+SMALL_INPUT = 64  # training crops up to this size are where compiling gained
+COMPILE_S = 40  # the slowest compile measured quiet (38 s)
+FP32_SAVES = 1 - 1 / 1.15  # the least share of a small-input fp32 step that compiling saved
+COMPILE_MIN_S = 2 * COMPILE_S / FP32_SAVES  # planned eager seconds from which compiling repays it twice: ~10 min
 
 
 def c_compiler() -> str | None:
@@ -308,14 +311,17 @@ def c_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
 
 
-def compile_choice(requested, device: torch.device, amp: str, planned_s: float = 0.0) -> tuple[bool, str]:
+def compile_choice(requested, device: torch.device, amp: str, planned_s: float = 0.0, *,
+                   crop: int) -> tuple[bool, str]:
     """(compile, why) for `model.compile=requested` (auto | on | off; a bool from code is on/off);
-    `planned_s`: the run's planned eager compute per rank in seconds (planned steps x a probed step).
+    `planned_s`: the run's planned eager compute per rank in seconds (planned steps x a probed step);
+    `crop`: the training crop.
 
-    `auto` compiles where the planned steps repay it twice over: on the CPU in fp32, from COMPILE_MIN_S
-    of planned compute (the demo in fp32, ~5 min, stays eager; a 36-epoch fp32 run compiles). It
-    leaves bf16 eager (see the gains above), GPUs eager (not measured here: today's behaviour), and
-    machines without a C++ compiler (inductor needs one on the CPU). `on` compiles anywhere.
+    `auto` compiles where the planned steps repay it twice over: on the CPU in fp32 at small inputs
+    (crop <= SMALL_INPUT), from COMPILE_MIN_S of planned compute (the demo in fp32, ~5 min, stays
+    eager; a 36-epoch fp32 run compiles). It leaves large inputs eager (resnet18 at 224 px gained
+    0.97-1.02x), bf16 eager (see the gains above), GPUs eager (not measured here: today's behaviour),
+    and machines without a C++ compiler (inductor needs one on the CPU). `on` compiles anywhere.
     """
     requested = {True: "on", False: "off"}.get(requested, requested)
     if requested != "auto":
@@ -324,11 +330,13 @@ def compile_choice(requested, device: torch.device, amp: str, planned_s: float =
         return False, "auto: not measured on GPUs here (model.compile=on compiles)"
     if amp != "off":
         return False, f"auto: {amp} gained 0.89-1.29x from compiling, not reliably worth its compile time"
+    if crop > SMALL_INPUT:
+        return False, f"auto: at {crop} px compiling gained 0.97-1.02x in fp32 (resnet18 at 224 px), eager"
     if c_compiler() is None:
         return False, "auto: no C++ compiler for inductor (install g++ or set CXX)"
     line = (f"~{planned_s / 60:.0f} min of fp32 compute planned per rank; compiling repays itself from "
-            f"~{COMPILE_MIN_S / 60:.0f} min (saves >= {FP32_SAVES:.0%} of a step, up to {COMPILE_S / 60:.0f} min "
-            "to compile, 2x margin)")
+            f"~{COMPILE_MIN_S / 60:.0f} min (saves >= {FP32_SAVES:.0%} of a step at <= {SMALL_INPUT} px, "
+            f"~{COMPILE_S} s to compile, 2x margin)")
     return planned_s >= COMPILE_MIN_S, f"auto: {line}"
 
 
@@ -337,7 +345,9 @@ def maybe_compile(cfg, info, model: nn.Module, bare: nn.Module, amp: str, steps:
     of `batch` samples per rank; logged in one line. Where `auto` needs it, one forward/backward of
     `bare` is timed at the rank's threads (cached like the other probes; the mean over ranks)."""
     planned_s = None
-    if cfg.model.compile == "auto" and info.device.type == "cpu" and amp == "off" and c_compiler():
+    crop = cfg.data.train_crop
+    if (cfg.model.compile == "auto" and info.device.type == "cpu" and amp == "off" and crop <= SMALL_INPUT
+            and c_compiler()):
         cpu, threads = cpu_info(), torch.get_num_threads()
         key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
                f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|threads {threads}")
@@ -346,7 +356,7 @@ def maybe_compile(cfg, info, model: nn.Module, bare: nn.Module, amp: str, steps:
                           info.local_rank == 0)
         (mean,) = _mean_over_ranks(info)([step["s"]])
         planned_s = steps * mean
-    on, why = compile_choice(cfg.model.compile, info.device, amp, planned_s or 0.0)
+    on, why = compile_choice(cfg.model.compile, info.device, amp, planned_s or 0.0, crop=crop)
     if planned_s is not None:
         why += f" ({steps:.0f} steps x {mean:.2f} s)"
     log.info("compile %s: %s", "on" if on else "off", why)
