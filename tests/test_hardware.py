@@ -146,8 +146,10 @@ def run_choose(monkeypatch, overrides=(), env=None, step=QUIET, share=2, loadavg
     loader = SimpleNamespace(loader=SimpleNamespace(set_decode_nice=nice.append))  # as inside MixLoader
     before = torch.get_num_threads()
     try:
-        _, threads = hardware.choose(cfg, info, torch.nn.Linear(2, 2), 32, loader)
+        _, threads, step_s = hardware.choose(cfg, info, torch.nn.Linear(2, 2), 32, loader)
         assert torch.get_num_threads() == threads
+        probed = share > 1 and not env and not any(o.startswith("dist.cpu_threads") for o in overrides)
+        assert step_s == (pytest.approx(step[threads]) if probed else None)  # maybe_compile's step, not re-timed
     finally:
         torch.set_num_threads(before)
     return threads, nice[0] if nice else None, len(calls)
@@ -241,6 +243,8 @@ def test_maybe_compile_times_a_step_once_and_logs_the_line(monkeypatch, caplog):
     assert caplog.records[-1].getMessage().startswith("compile on: auto: ~83 min of fp32 compute planned per rank")
     assert caplog.records[-1].getMessage().endswith(" (10000 steps x 0.50 s)")
     assert hardware.maybe_compile(cfg, info, model, model, "bf16", 10**6, 64) is model and len(calls) == 1
+    assert hardware.maybe_compile(cfg, info, model, model, "off", 10_000, 32, step_s=0.1) == ("compiled", model)
+    assert len(calls) == 1 and caplog.records[-1].getMessage().endswith(" (10000 steps x 0.10 s)")  # timed by choose
 
 
 def test_model_compile_key_takes_auto_on_off_and_yaml_booleans(tmp_path):

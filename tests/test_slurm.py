@@ -712,9 +712,10 @@ def task_pid(argv_has: str, env_has: tuple[str, ...]) -> int | None:
     return None
 
 
-def stop_rank_after_a_checkpoint(run: Path, log: Path, argv_has: str, env_has: tuple[str, ...]) -> tuple[int, int]:
-    """SIGSTOP the rank once step_40 is complete; wait for the hang line; (pid, newest checkpoint
-    at the stop). Asserts the line names that pid within dist.hang_timeout_s + 10 s."""
+def hang_a_rank(run: Path, log: Path, job: str, argv_has: str, env_has: tuple[str, ...]) -> tuple[int, dict]:
+    """SIGSTOP the rank once step_40 is complete, wait for the hang line, then for the job to end;
+    (newest checkpoint at the stop, the job's info). Asserts the line names that pid within
+    dist.hang_timeout_s + 10 s. The stopped process never outlives the test."""
     from train.checkpoint import complete
 
     def done() -> list[int]:
@@ -723,12 +724,16 @@ def stop_rank_after_a_checkpoint(run: Path, log: Path, argv_has: str, env_has: t
     wait_for(lambda: done() and done()[-1] >= 40, 120, "step_40", poll=0.05)
     pid = wait_for(lambda: task_pid(argv_has, env_has), 10, "the rank's process", poll=0.05)
     os.kill(pid, signal.SIGSTOP)
-    t_stop, newest = time.monotonic(), done()[-1]
-    m = wait_for(lambda: re.search(r"hang: rank 1 on (\S+) \(pid (\d+)\) sent no heartbeat", read(log)), 40,
-                 "the hang line")
-    assert time.monotonic() - t_stop <= 10 + 10, read(log)[-3000:]
-    assert m.groups() == (socket.gethostname(), str(pid))
-    return pid, newest
+    try:
+        t_stop, newest = time.monotonic(), done()[-1]
+        m = wait_for(lambda: re.search(r"hang: rank 1 on (\S+) \(pid (\d+)\) sent no heartbeat", read(log)), 40,
+                     "the hang line")
+        assert time.monotonic() - t_stop <= 10 + 10, read(log)[-3000:]
+        assert m.groups() == (socket.gethostname(), str(pid))
+        return newest, wait_done(job, log, timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def assert_resumed_after_the_hang(run: Path, text: str, job: str, newest: int) -> None:
@@ -754,14 +759,7 @@ def test_sbatch_hang_requeues_once_and_matches(cluster, reference, tmp_path):
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     run = tmp_path / "runs/hsb"
-    pid = None
-    try:
-        pid, newest = stop_rank_after_a_checkpoint(run, log, "train/main.py", ("RANK=1", f"SLURM_JOB_ID={job}"))
-        info = wait_done(job, log, timeout=240)
-    finally:
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    newest, info = hang_a_rank(run, log, job, "train/main.py", ("RANK=1", f"SLURM_JOB_ID={job}"))
     text = read(log)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     host = socket.gethostname().split(".")[0]
@@ -782,15 +780,7 @@ def test_submitit_hang_requeues_once_and_matches(cluster, reference, tmp_path):
     job, _ = submit(cfg, "log.name=hsi", *HANG_KEYS)
     run = tmp_path / "runs/hsi"
     log = run / "slurm" / job / f"{job}_0_log.out"
-    pid = None
-    try:
-        pid, newest = stop_rank_after_a_checkpoint(run, log, "submitit.core._submit",
-                                                   ("SLURM_PROCID=1", f"SLURM_JOB_ID={job}"))
-        info = wait_done(job, log, timeout=240)
-    finally:
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    newest, info = hang_a_rank(run, log, job, "submitit.core._submit", ("SLURM_PROCID=1", f"SLURM_JOB_ID={job}"))
     text = read(log)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     assert (f"requeue: requeueing job {job} after the hang (1 of MAX_HANG_REQUEUES=3); it resumes from the newest "

@@ -153,28 +153,10 @@ def choose_amp(requested: str, device: torch.device, *, measure: Callable[[], di
         return requested, "set in the config"
     if not cpu.native_bf16:
         return cpu_amp(cpu, None)
-    cache = cache_path()
-    full_key = f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{key}"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    timings = known.get(full_key)
-    measured = timings is None
-    if measured:
-        timings = measure()
+    timings, measured = _cached("amp", cpu, key, measure, write_cache)
     t32, t16 = reduce([timings["off"], timings["bf16"]])
     amp, why = cpu_amp(cpu, {"off": t32, "bf16": t16})
-    if measured and write_cache:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            known[full_key] = timings
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(cache)
-        except OSError as e:  # a read-only home is no reason to stop
-            log.warning("could not cache the amp probe in %s: %s", cache, e)
-    return amp, why + ("" if measured else f" [cached in {cache}]")
+    return amp, why + ("" if measured else f" [cached in {cache_path()}]")
 
 
 def allow_tf32() -> None:
@@ -268,9 +250,10 @@ def probe_threads(model: nn.Module, batch: int, crop: int, channels_last: bool, 
     return {t: statistics.mean(v) for t, v in times.items()}
 
 
-def _cached(name: str, key: str, measure: Callable[[], dict], write: bool) -> tuple[dict, bool]:
-    """(the measurement of `key`, whether it was measured now) from ~/.cache/resnet-train/<name>.json;
-    `write`: keep a new measurement there."""
+def _cached(name: str, cpu: CpuInfo, key: str, measure: Callable[[], dict], write: bool) -> tuple[dict, bool]:
+    """(the measurement of `key` on this CPU and torch, whether it was measured now) from
+    ~/.cache/resnet-train/<name>.json; `write`: keep a new measurement there."""
+    key = f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{key}"
     path = cache_path().with_name(f"{name}.json")
     try:
         known = json.loads(path.read_text())
@@ -340,25 +323,32 @@ def compile_choice(requested, device: torch.device, amp: str, planned_s: float =
     return planned_s >= COMPILE_MIN_S, f"auto: {line}"
 
 
-def maybe_compile(cfg, info, model: nn.Module, bare: nn.Module, amp: str, steps: float, batch: int) -> nn.Module:
+def _workload(cfg, batch: int) -> str:
+    """What a probe's timing depends on besides the machine, for the cache keys."""
+    return (f"{cfg.model.name}|batch {batch}|crop {cfg.data.train_crop}|channels_last "
+            f"{cfg.model.channels_last}")
+
+
+def maybe_compile(cfg, info, model: nn.Module, bare: nn.Module, amp: str, steps: float, batch: int,
+                  step_s: float | None = None) -> nn.Module:
     """`model` compiled (torch.compile) if `compile_choice` says so for `steps` planned optimizer steps
-    of `batch` samples per rank; logged in one line. Where `auto` needs it, one forward/backward of
-    `bare` is timed at the rank's threads (cached like the other probes; the mean over ranks)."""
+    of `batch` samples per rank; logged in one line. `step_s`: the seconds of one forward/backward
+    at the rank's threads where `choose` timed it (the mean over ranks); else, where `auto` needs it,
+    one of `bare` is timed here (cached like the other probes)."""
     planned_s = None
     crop = cfg.data.train_crop
     if (cfg.model.compile == "auto" and info.device.type == "cpu" and amp == "off" and crop <= SMALL_INPUT
             and c_compiler()):
-        cpu, threads = cpu_info(), torch.get_num_threads()
-        key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
-               f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|threads {threads}")
-        step, _ = _cached("step", key, lambda: {"s": probe_threads(bare, batch, cfg.data.train_crop,
-                                                                   cfg.model.channels_last, amp, (threads,))[threads]},
-                          info.local_rank == 0)
-        (mean,) = _mean_over_ranks(info)([step["s"]])
-        planned_s = steps * mean
+        if step_s is None:  # `choose` did not time a step at these threads
+            threads = torch.get_num_threads()
+            step, _ = _cached("step", cpu_info(), f"{_workload(cfg, batch)}|amp {amp}|threads {threads}",
+                              lambda: {"s": probe_threads(bare, batch, crop, cfg.model.channels_last, amp,
+                                                          (threads,))[threads]}, info.local_rank == 0)
+            (step_s,) = _mean_over_ranks(info)([step["s"]])
+        planned_s = steps * step_s
     on, why = compile_choice(cfg.model.compile, info.device, amp, planned_s or 0.0, crop=crop)
     if planned_s is not None:
-        why += f" ({steps:.0f} steps x {mean:.2f} s)"
+        why += f" ({steps:.0f} steps x {step_s:.2f} s)"
     log.info("compile %s: %s", "on" if on else "off", why)
     return torch.compile(model) if on else model
 
@@ -393,8 +383,9 @@ def _mean_over_ranks(info) -> Callable[[list[float]], list[float]]:
     return mean
 
 
-def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, int]:
-    """(amp, intra-op threads) of this rank, each logged in one line; `model` is the bare module,
+def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, int, float | None]:
+    """(amp, intra-op threads, seconds of a forward/backward at those threads if the thread probe
+    timed it) of this rank, amp and threads each logged in one line; `model` is the bare module,
     `batch` the micro-batch; `train_loader`'s decode workers are told their priority.
 
     Threads are decided here only: `dist.cpu_threads`, then an exported OMP_NUM_THREADS other than
@@ -412,8 +403,7 @@ def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, 
     torch.set_num_threads(threads)
     log.info("%s", machine_header(info.device))
 
-    key = (f"{cfg.model.name}|batch {batch}|crop {cfg.data.train_crop}|channels_last "
-           f"{cfg.model.channels_last}|threads {threads}|ranks/node {info.local_world_size}")
+    key = f"{_workload(cfg, batch)}|threads {threads}|ranks/node {info.local_world_size}"
     amp, why = choose_amp(cfg.train.amp, info.device, key=key, reduce=reduce, write_cache=info.local_rank == 0,
                           measure=lambda: probe(model, batch, cfg.data.train_crop, cfg.model.channels_last))
     if info.device.type == "cuda":
@@ -422,24 +412,22 @@ def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, 
 
     if fixed:
         log.info("threads %d: set by %s", threads, "dist.cpu_threads" if cfg.dist.cpu_threads else "OMP_NUM_THREADS")
-        return amp, threads
+        return amp, threads, None
     if info.device.type != "cpu":
         log.info("threads %d: the rank's %d CPUs less %d decode workers (the GPU computes)", threads, share, workers)
-        return amp, threads
-    cpu = cpu_info()
-    key = (f"{cpu.model}|{cpu.capability}|torch {torch.__version__}|{cfg.model.name}|batch {batch}|crop "
-           f"{cfg.data.train_crop}|channels_last {cfg.model.channels_last}|amp {amp}|share {share}|"
-           f"ranks/node {info.local_world_size}")
+        return amp, threads, None
+    key = f"{_workload(cfg, batch)}|amp {amp}|share {share}|ranks/node {info.local_world_size}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     busy = load > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else False
     probed = share > 1
-    measured, fresh = (_cached("threads", key, lambda: {str(t): s for t, s in probe_threads(
+    measured, fresh = (_cached("threads", cpu_info(), key, lambda: {str(t): s for t, s in probe_threads(
         model, batch, cfg.data.train_crop, cfg.model.channels_last, amp, (1, share)).items()},
         info.local_rank == 0 and not busy) if probed else ({"1": 0.0}, False))
     # the mean over the ranks that probed (all call the collective)
     c1, cn, n = reduce([measured["1"], measured.get(str(share), 0.0), float(probed)])
     torch_workers = cfg.data.workers if cfg.data.loader == "torch" else 0  # DALI's threads keep their priority
-    threads, nice, why = cpu_threads(share, torch_workers, {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)})
+    step = {1: c1 / max(n, 1e-9), share: cn / max(n, 1e-9)}
+    threads, nice, why = cpu_threads(share, torch_workers, step)
     if probed and not fresh:
         why += f" [cached in {cache_path().with_name('threads.json')}]"
     elif probed and busy:
@@ -449,7 +437,7 @@ def choose(cfg, info, model: nn.Module, batch: int, train_loader) -> tuple[str, 
     if decode is not None:
         decode.set_decode_nice(nice)
     log.info("threads %d: %s", threads, why)
-    return amp, threads
+    return amp, threads, step[threads] if probed else None
 
 
 def _find(loader, attr: str):

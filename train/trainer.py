@@ -203,9 +203,9 @@ def build_run(cfg: config_lib.Config, info: DistInfo, stop: StopSignal) -> Run:
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(f"data.global_batch: {split.global_batch} is more than the training set holds")
     model, bare = build_model(cfg, num_classes, info)
-    amp, threads = hardware.choose(cfg, info, bare, split.batch, train_loader)  # probes cached; logged
+    amp, threads, step_s = hardware.choose(cfg, info, bare, split.batch, train_loader)  # probes cached; logged
     planned = min(cfg.train.max_steps or math.inf, cfg.train.epochs * steps_per_epoch)
-    model = hardware.maybe_compile(cfg, info, model, bare, amp, planned, split.batch)  # model.compile; logged
+    model = hardware.maybe_compile(cfg, info, model, bare, amp, planned, split.batch, step_s)  # logged
     plan = Plan(micro_batch=split.batch, accumulate=split.accumulate, global_batch=split.global_batch,
                 steps_per_epoch=steps_per_epoch, amp=amp, threads=threads)
 
