@@ -226,7 +226,7 @@ class BusyTimer:
 
 
 def heartbeat_store(timeout_s: float) -> tuple[dist.Store, str]:
-    """A second client of the rendezvous store for the watchdog thread , with
+    """A second client of the rendezvous store for the watchdog thread, with
     a short timeout so that a silent store never blocks it for `dist.timeout_s`, and keys private
     to this torchrun restart round. Returns it and who serves the store: torchrun's agent (it
     outlives the workers), or rank 0's process (srun and Submitit launches)."""
